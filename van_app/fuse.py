@@ -1,12 +1,217 @@
-"""Inference-time re-parameterisation of VAN (placeholder until the fused model lands)."""
+"""Inference-time VAN: BatchNorms and layer scales folded into convolutions, optional compilation.
+
+``fuse(model)`` returns a new eval-mode VAN (the input is untouched) computing
+the same function with fewer operations. Per block, with BatchNorm ``bn(x) = s*x + t``:
+
+- ``norm1`` folds into ``attn.proj_1`` and ``norm2`` into ``mlp.fc1`` (1x1 convolutions
+  without padding, so the fold is exact at every pixel, borders included);
+- the attention branch adds the *normalized* input back, so
+  ``x + ls1*(proj_2(z) + s1*x + t1) = (1 + ls1*s1)*x + (ls1*proj_2)(z) + ls1*t1``:
+  ``ls1`` and ``t1`` fold into ``proj_2`` and the shortcut becomes a per-channel scale
+  (one ``addcmul``);
+- ``layer_scale_2`` folds into ``mlp.fc2``; each patch embedding's BatchNorm folds into its conv.
+
+The stage LayerNorms stay (they normalize per pixel, so nothing linear absorbs them;
+the last one's affine could move into the head, but that would change
+``forward_features`` for a gain below measurement noise). Module paths of LKA
+(``stages[i].blocks[j].attn.lka.conv1``) and the model's attributes (``labels``,
+``pretrained_cfg``, ...) are kept, so ``capture_attention`` and ``predict`` work on it.
+
+``fuse`` stays cheap and eager. ``compile_for_inference`` is the explicit start-up step
+that compiles a fused model with inductor weight freezing and warms it up, falling back
+to the eager model with a warning when no compiler works.
+"""
 
 from __future__ import annotations
 
 import copy
+import warnings
+from collections.abc import Sequence
 
+import torch
 from torch import nn
 
+from .model import LKA, Block, OverlapPatchEmbed
 
+
+class FusedAttention(nn.Module):
+    """1x1 projection (norm1 folded in) -> GELU -> LKA -> 1x1 projection (layer scale folded in), no shortcut."""
+
+    def __init__(self, proj_1: nn.Conv2d, lka: LKA, proj_2: nn.Conv2d) -> None:
+        super().__init__()
+        self.proj_1 = proj_1
+        self.act = nn.GELU()
+        self.lka = lka
+        self.proj_2 = proj_2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_2(self.lka(self.act(self.proj_1(x))))
+
+
+class FusedMlp(nn.Module):
+    """1x1 expand (norm2 folded in) -> 3x3 depth-wise -> GELU -> 1x1 project (layer scale folded in)."""
+
+    def __init__(self, fc1: nn.Conv2d, dwconv: nn.Conv2d, fc2: nn.Conv2d) -> None:
+        super().__init__()
+        self.fc1 = fc1
+        self.dwconv = dwconv
+        self.act = nn.GELU()
+        self.fc2 = fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.dwconv(self.fc1(x))))
+
+
+class FusedBlock(nn.Module):
+    """A VAN block without normalization or layer scales: ``x*a + attn(x)``, then ``+ mlp(x)``."""
+
+    def __init__(self, attn: FusedAttention, shortcut_scale: torch.Tensor, mlp: FusedMlp) -> None:
+        super().__init__()
+        self.attn = attn
+        self.mlp = mlp
+        self.register_buffer("shortcut_scale", shortcut_scale.reshape(-1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.addcmul(self.attn(x), self.shortcut_scale, x)
+        return x + self.mlp(x)
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as ``s*x + t`` per channel, in float64."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm2d without running statistics")
+    s = (bn.running_var.double() + bn.eps).rsqrt()
+    if bn.weight is not None:
+        s = s * bn.weight.double()
+    t = -bn.running_mean.double() * s
+    if bn.bias is not None:
+        t = t + bn.bias.double()
+    return s, t
+
+
+def _conv_params(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """A convolution's weight and bias (zeros when it has none), in float64."""
+    w = conv.weight.double()
+    b = conv.bias.double() if conv.bias is not None else w.new_zeros(conv.out_channels)
+    return w, b
+
+
+def _with_params(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """``conv`` (a private copy) given a float64 weight and bias, cast back to its dtype."""
+    dtype, grad = conv.weight.dtype, conv.weight.requires_grad
+    conv.weight = nn.Parameter(weight.to(dtype), requires_grad=grad)
+    conv.bias = nn.Parameter(bias.to(dtype), requires_grad=grad)
+    return conv
+
+
+def _fold_bn_after(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """``bn(conv(x))`` as one convolution."""
+    s, t = _bn_affine(bn)
+    w, b = _conv_params(conv)
+    return _with_params(conv, w * s.view(-1, 1, 1, 1), b * s + t)
+
+
+def _fold_bn_before(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv(bn(x))`` as one convolution; exact for 1x1 convolutions without padding."""
+    if conv.kernel_size != (1, 1) or conv.padding not in ((0, 0), "valid") or conv.groups != 1:
+        raise ValueError(f"BatchNorm folds exactly only into a dense 1x1 convolution without padding, got {conv}")
+    s, t = _bn_affine(bn)
+    w, b = _conv_params(conv)
+    return _with_params(conv, w * s.view(1, -1, 1, 1), b + w[:, :, 0, 0] @ t)
+
+
+def _scale_out(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor | None = None) -> nn.Conv2d:
+    """``scale * (conv(x) + shift)`` per output channel as one convolution."""
+    w, b = _conv_params(conv)
+    scale = scale.double()
+    if shift is not None:
+        b = b + shift
+    return _with_params(conv, w * scale.view(-1, 1, 1, 1), b * scale)
+
+
+def _fuse_block(block: Block) -> FusedBlock:
+    """``block`` (a private copy, whose convolutions are reused) with BatchNorms and layer scales folded."""
+    s1, t1 = _bn_affine(block.norm1)
+    ls1, ls2 = block.layer_scale_1.detach().double(), block.layer_scale_2.detach().double()
+    attn = FusedAttention(
+        _fold_bn_before(block.norm1, block.attn.proj_1),
+        block.attn.lka,
+        _scale_out(block.attn.proj_2, ls1, shift=t1),
+    )
+    mlp = FusedMlp(_fold_bn_before(block.norm2, block.mlp.fc1), block.mlp.dwconv, _scale_out(block.mlp.fc2, ls2))
+    shortcut_scale = (1 + ls1 * s1).to(block.layer_scale_1.dtype)
+    return FusedBlock(attn, shortcut_scale, mlp)
+
+
+def _fuse_patch_embed(patch_embed: OverlapPatchEmbed) -> OverlapPatchEmbed:
+    """``patch_embed`` (a private copy) with its BatchNorm folded into the convolution (``norm`` becomes identity)."""
+    if isinstance(patch_embed.norm, nn.BatchNorm2d):
+        patch_embed.proj = _fold_bn_after(patch_embed.proj, patch_embed.norm)
+        patch_embed.norm = nn.Identity()
+    return patch_embed
+
+
+@torch.no_grad()
 def fuse(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` for inference with the same outputs."""
-    return copy.deepcopy(model).eval()
+    """A new eval-mode VAN computing the same outputs with every BatchNorm and layer scale folded away.
+
+    The input model is left untouched. Already fused parts are kept as they are,
+    so fusing twice is harmless. The result is eager and cheap to build; see
+    ``compile_for_inference`` for the compiled, warmed-up version.
+    """
+    if not isinstance(getattr(model, "stages", None), nn.Sequential):
+        raise TypeError(f"fuse expects a VAN (with .stages), got {type(model).__name__}")
+    fused = copy.deepcopy(model).eval()
+    for stage in fused.stages:
+        stage.patch_embed = _fuse_patch_embed(stage.patch_embed)
+        stage.blocks = nn.Sequential(*[_fuse_block(b) if isinstance(b, Block) else b for b in stage.blocks])
+    return fused
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 natively (CPU: AVX512-BF16 or AMX; CUDA: Ampere or newer)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+        return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    return False
+
+
+def compile_for_inference(
+    fused: nn.Module,
+    input_size: Sequence[int] = (1, 3, 224, 224),
+    *,
+    channels_last: bool = False,
+    max_autotune: bool = False,
+    atol: float = 1e-3,
+) -> nn.Module:
+    """``fused`` compiled by inductor with weight freezing and warmed up on ``input_size``; the eager model on failure.
+
+    Call it once at start-up: the first call compiles (tens of seconds on a small
+    CPU); later calls with the same input shape under ``torch.inference_mode``
+    run the compiled code. Freezing bakes the weights in as constants, so do not
+    change them afterwards. Compiled outputs are checked against the eager model
+    (``atol``) before the compiled model is returned. Attributes (``labels``,
+    ``pretrained_cfg``, ...) read through to ``fused``; hook-based tools such as
+    ``capture_attention`` belong on the eager ``fused`` model.
+    """
+    param = next(fused.parameters())
+    example = torch.randn(*input_size, device=param.device, dtype=param.dtype)
+    if channels_last:
+        fused = fused.to(memory_format=torch.channels_last)
+        example = example.contiguous(memory_format=torch.channels_last)
+    options = {"freezing": True, "max_autotune": max_autotune}
+    try:
+        compiled = torch.compile(fused, options=options, dynamic=False)
+        with torch.inference_mode():
+            expected = fused(example)
+            got = compiled(example)
+        if not torch.allclose(got.float(), expected.float(), atol=atol, rtol=atol):
+            raise RuntimeError(f"compiled outputs differ by {(got - expected).abs().max().item():.3g}")
+    except Exception as error:  # noqa: BLE001 - any compiler failure means: serve the eager model
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        warnings.warn(f"compilation failed, using the eager fused model: {first_line}", RuntimeWarning, stacklevel=2)
+        return fused
+    return compiled
