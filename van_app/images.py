@@ -38,11 +38,17 @@ def open_image(path: str | Path) -> Image.Image:
         if path.stat().st_size == 0:
             raise BadImageError(f"{path}: empty file")
         with Image.open(path) as image:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and image.width * image.height > limit:
+                raise BadImageError(
+                    f"{path}: refused, {image.width}x{image.height} is larger than Pillow's decompression-bomb limit "
+                    f"of {limit} pixels"
+                )
             image.load()
             return to_rgb(image)
     except BadImageError:
         raise
     except Image.DecompressionBombError as e:
         raise BadImageError(f"{path}: refused, larger than Pillow's decompression-bomb limit ({e})") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except Exception as e:  # decoders of corrupt files raise OSError, SyntaxError, struct.error, IndexError, ...
         raise BadImageError(f"{path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
