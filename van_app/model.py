@@ -175,7 +175,7 @@ class VAN(nn.Module):
         self.depths = tuple(depths)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.drop_rate = drop_rate
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # also on meta
         stages, prev, stride = [], in_chans, 1
         self.feature_info = []
         for i, (dim, depth, ratio) in enumerate(zip(embed_dims, depths, mlp_ratios)):
