@@ -242,13 +242,22 @@ def test_progress_bar_is_shown_on_stderr_and_can_be_disabled(tmp_path, capsys):
 def test_dataset_replaces_a_file_that_went_bad_with_one_of_the_same_class(tmp_path, caplog):
     dm = datamodule(make_classes(tmp_path, {"a": 4, "b": 4}))
     dataset = dm.train_dataloader().dataset
-    index = next(i for i, (_, label) in enumerate(dataset.samples) if label == 1)
+    index = max(i for i, (_, label) in enumerate(dataset.samples) if label == 1)  # the next sample is class 0
     dataset.samples[index][0].write_text("corrupted after the scan")
     with caplog.at_level(logging.WARNING, logger="van_app.data"):
         image, label = dataset[index]
     assert label == 1
     assert image.shape == (3, SIZE, SIZE)
     assert "not a readable image" in caplog.text
+
+
+def test_dataset_warns_once_about_a_file_that_went_bad(tmp_path, caplog):
+    dm = datamodule(make_classes(tmp_path, {"a": 4, "b": 4}))
+    dataset = dm.val_dataloader().dataset
+    dataset.samples[0][0].unlink()
+    with caplog.at_level(logging.WARNING, logger="van_app.data"):
+        dataset[0], dataset[0]
+    assert len(caplog.records) == 1
 
 
 def test_dataset_survives_a_whole_class_going_missing(tmp_path):

@@ -8,7 +8,7 @@ import os
 import sys
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -131,19 +131,22 @@ class ImageDataset(Dataset):
             try:
                 image = open_image(path)
             except BadImageError as e:
-                self.broken.add(candidate)
-                log.warning("%s; using another image instead", e)
+                if candidate not in self.broken:
+                    self.broken.add(candidate)
+                    log.warning("%s; using another image instead", e)
                 continue
             return (self.transform(image) if self.transform else image), label
         raise DataError(f"none of the {len(self.samples)} images can be read any more (first: {self.samples[0][0]})")
 
-    def _candidates(self, index: int) -> Iterable[int]:
-        """``index``, then the other samples of its class, then any sample (wrapping around, broken ones last)."""
+    def _candidates(self, index: int) -> Iterator[int]:
+        """``index``, then the other samples of its class, then any other sample; ones that failed before last."""
         n, label = len(self.samples), self.samples[index][1]
-        rotation = [(index + k) % n for k in range(n)]
-        same = [i for i in rotation if self.samples[i][1] == label]
-        ordered = same + [i for i in rotation if self.samples[i][1] != label]
-        return [i for i in ordered if i not in self.broken] + [i for i in ordered if i in self.broken]
+        if index not in self.broken:
+            yield index
+        others = [(index + k) % n for k in range(1, n)]  # built only once ``index`` has failed
+        yield from (i for i in others if self.samples[i][1] == label and i not in self.broken)
+        yield from (i for i in others if self.samples[i][1] != label and i not in self.broken)
+        yield from (i for i in [index, *others] if i in self.broken)
 
 
 class VanDataModule(lightning.LightningDataModule):
