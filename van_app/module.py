@@ -1,0 +1,270 @@
+"""Fine-tuning a VAN with Lightning: the LightningModule, its optimizer and schedule, and its callbacks.
+
+The module holds the model, the loss, torchmetrics objects and the optimizer
+recipe (AdamW, weight decay only on matrices and kernels, optional layer-wise
+learning-rate decay, linear warm-up then cosine decay per step). Each
+validation leaves a plain-typed report (overall and per-class metrics, the
+confusion matrix) that is saved inside every checkpoint, so the best
+checkpoint carries the exact metrics of the weights it holds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from .model import VAN, VARIANTS
+from .weights import CheckpointError, build_model, default_cfgs, infer_spec, load_model
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe; plain types only, so checkpoints load with ``weights_only=True``."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    label_smoothing: float = 0.1
+    layer_decay: float | None = None
+    mixup: float = 0.0
+    cutmix: float = 0.0
+
+
+@dataclass
+class BaseModel:
+    """A freshly built classifier and where its starting weights came from."""
+
+    model: VAN
+    base_model: str | None  # Hub id of the starting weights, for the model card
+    note: str | None  # a warning for the user, e.g. pretrained weights that could not be had
+
+
+def create_classifier(variant: str, pretrained: str, num_classes: int, drop_path_rate: float = 0.0) -> BaseModel:
+    """A VAN with a new head for ``num_classes``, started from ``pretrained``: auto, none, a path or a Hub repo id."""
+    base_model, note = None, None
+    if pretrained == "none":
+        start = None
+    elif pretrained == "auto":
+        cfg = default_cfgs.get(variant)
+        try:
+            start = load_model(variant, pretrained=True, num_classes=num_classes)
+            base_model = cfg.default.hf_hub_id
+        except CheckpointError as e:
+            start, note = None, f"no pretrained weights for {variant} ({e}); training from random initialisation"
+    else:
+        start = load_model(pretrained, num_classes=num_classes)
+        base_model = pretrained.removeprefix("hf-hub:") if not _is_local(pretrained) else None
+    spec = VARIANTS[variant] if start is None else infer_spec(start.state_dict())[0]
+    model = build_model(spec, num_classes, drop_path_rate=drop_path_rate)
+    if start is not None:
+        model.load_state_dict(start.state_dict())
+        model.pretrained_cfg = dict(model.pretrained_cfg, **{k: start.pretrained_cfg[k] for k in
+                                                            ("mean", "std", "interpolation", "crop_pct")})
+    return BaseModel(model, base_model, note)
+
+
+def _is_local(source: str) -> bool:
+    """Whether a ``--pretrained`` source names an existing file or folder."""
+    return Path(source).expanduser().exists()
+
+
+def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float):
+    """LR multiplier per optimizer step: linear warm-up to 1, then cosine decay to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class VanClassifier(L.LightningModule):
+    """A VAN classifier trained with AdamW + cosine schedule, validated with torchmetrics."""
+
+    def __init__(self, model: VAN, labels: list[str], config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters({"labels": list(labels), "config": dict(config or {}),
+                                   "variant": model.variant, "num_classes": model.num_classes})
+        self.model = model
+        self.labels = list(labels)
+        self.config = TrainConfig(**(config or {}))
+        self.lr = self.config.lr  # Tuner.lr_find reads and writes this attribute
+        n = len(labels)
+        self.mixup = (Mixup(mixup_alpha=self.config.mixup, cutmix_alpha=self.config.cutmix,
+                            label_smoothing=self.config.label_smoothing, num_classes=n)
+                      if self.config.mixup > 0 or self.config.cutmix > 0 else None)
+        self.train_acc = MulticlassAccuracy(n, average="micro")
+        overall = {"acc": MulticlassAccuracy(n, average="micro"), "f1": MulticlassF1Score(n, average="macro")}
+        if n >= 5:
+            overall["top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
+        self.val_overall = MetricCollection(overall, prefix="val_")
+        self.val_per_class = MetricCollection({"precision": MulticlassPrecision(n, average=None),
+                                               "recall": MulticlassRecall(n, average=None),
+                                               "f1": MulticlassF1Score(n, average=None)})
+        self.val_confusion = MulticlassConfusionMatrix(n)
+        self.val_loss = MeanMetric()
+        self.images_seen = 0
+        self.val_report: dict[str, Any] = {}
+        self._seconds_before = 0.0  # wall time of the runs this one resumes
+        self._fit_started = time.perf_counter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.mixup is not None and len(x) % 2 == 0:  # timm's Mixup pairs samples, so needs an even batch
+            mixed, soft = self.mixup(x, y)
+            logits = self(mixed)
+            loss = SoftTargetCrossEntropy()(logits, soft)
+        else:
+            logits = self(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
+        self.train_acc(logits, y)
+        self.images_seen += len(x) * self.trainer.world_size
+        self.log("loss", loss, prog_bar=True)
+        self.log("acc", self.train_acc, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_loss.update(F.cross_entropy(logits, y), weight=len(x))
+        self.val_overall.update(logits, y)
+        self.val_per_class.update(logits, y)
+        self.val_confusion.update(logits, y)
+
+    def on_fit_start(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def wall_time_s(self) -> float:
+        """Seconds spent fitting, over this run and the interrupted runs it continues."""
+        return self._seconds_before + time.perf_counter() - self._fit_started
+
+    def on_validation_epoch_end(self) -> None:
+        overall = dict(self.val_overall.compute(), val_loss=self.val_loss.compute())
+        self.log_dict(overall, prog_bar=True)
+        per_class = {name: values.tolist() for name, values in self.val_per_class.compute().items()}
+        confusion = self.val_confusion.compute().tolist()
+        for metric in (self.val_overall, self.val_per_class, self.val_confusion, self.val_loss):
+            metric.reset()
+        self.val_report = {
+            **{k: float(v) for k, v in overall.items()},
+            **{f"val_{metric}_{label}": values[i] for metric, values in per_class.items()
+               for i, label in enumerate(self.labels)},
+            "confusion_matrix": confusion,
+            "epoch": self.current_epoch,
+            "step": self.global_step,
+        }
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.config
+        skip = self.model.no_weight_decay()
+        if cfg.layer_decay:
+            groups = param_groups_layer_decay(self.model, cfg.weight_decay, skip, cfg.layer_decay)
+        else:
+            groups = param_groups_weight_decay(self.model, cfg.weight_decay, skip)
+        for group in groups:
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)
+        optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        warmup = min(int(cfg.warmup_epochs * per_epoch), total // 2)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup, total, cfg.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["van_app"] = {"images_seen": self.images_seen, "wall_time_s": self.wall_time_s(),
+                                 "val_report": self.val_report}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("van_app", {})
+        self.images_seen = state.get("images_seen", 0)
+        self._seconds_before = state.get("wall_time_s", 0.0)
+        self.val_report = state.get("val_report", {})
+
+    def train_config(self) -> dict[str, Any]:
+        """The optimisation recipe as a plain dict (the learning rate as finally used)."""
+        return dict(asdict(self.config), lr=self.lr)
+
+
+def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The VAN weights in a ``VanClassifier`` checkpoint (the averaged ones under EMA), in our key layout."""
+    return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+
+
+class FreezeBackbone(Callback):
+    """Train only the head for the first ``epochs`` epochs.
+
+    Freezing drops the backbone's gradients before each optimizer step (AdamW
+    skips parameters without a gradient) and keeps its BatchNorm statistics
+    fixed, instead of toggling ``requires_grad``: DDP registers the parameters
+    that need gradients once, so parameters unfrozen later would never be
+    all-reduced across processes.
+    """
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def _frozen(self, trainer: L.Trainer) -> bool:
+        return trainer.current_epoch < self.epochs
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: VanClassifier, batch: Any, batch_idx: int) -> None:
+        if self._frozen(trainer):
+            for module in pl_module.model.stages.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: VanClassifier, optimizer: Any) -> None:
+        if self._frozen(trainer):
+            for param in pl_module.model.stages.parameters():
+                param.grad = None
+
+
+class ThroughputBar(TQDMProgressBar):
+    """Lightning's progress bar with training images per second (all processes together)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._images = 0
+        self._started = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._images, self._started = 0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._images += len(batch[0]) * trainer.world_size
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        elapsed = time.perf_counter() - self._started
+        if self._images and elapsed > 0:
+            items["img/s"] = f"{self._images / elapsed:.0f}"
+        return items
