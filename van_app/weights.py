@@ -132,7 +132,7 @@ def infer_spec(state_dict: dict[str, torch.Tensor]) -> tuple[VanSpec, int]:
             raise KeyError(f"stages.{i}.patch_embed.proj.weight")
         dims.append(proj.shape[0])
         blocks = {int(m[1]) for k in state_dict if (m := re.match(rf"^stages\.{i}\.blocks\.(\d+)\.", k))}
-        depths.append(len(blocks))
+        depths.append(max(blocks, default=-1) + 1)  # a gap is then reported as missing keys, not hidden
         fc1 = state_dict.get(f"stages.{i}.blocks.0.mlp.fc1.weight")
         ratios.append(fc1.shape[0] / proj.shape[0] if fc1 is not None else 4)
     head = state_dict.get("head.weight")
@@ -200,26 +200,38 @@ def read_state_dict(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, expected a VAN checkpoint")
-    if path.suffix == ".safetensors":
+    with path.open("rb") as f:
+        head = f.read(9)
+    if path.suffix == ".safetensors" or _looks_like_safetensors(head, path.stat().st_size):
         from safetensors.torch import load_file
 
         try:
             return load_file(path)
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # torch's zip format or a legacy pickle
+        raise CheckpointError(f"{path}: not a checkpoint: neither safetensors nor a PyTorch file")
     try:
         # The official training script stores its argparse.Namespace beside the weights; it only holds values.
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused to unpickle: it holds objects other than tensors ({_first_line(e)})"
-        ) from e
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if culprit:
+            raise CheckpointError(
+                f"{path}: refused to unpickle {culprit[1]}: a checkpoint may hold only tensors and plain values"
+            ) from e
+        raise CheckpointError(f"{path}: corrupt checkpoint ({_first_line(e)})") from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """Whether a file starts like safetensors: a little-endian header length, then a JSON object."""
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size
 
 
 def _first_line(error: BaseException) -> str:
@@ -325,12 +337,12 @@ def _hub_download(repo_id: str, filename: str) -> Path:
 
     try:
         return Path(hf_hub_download(repo_id, filename))
-    except EntryNotFoundError as e:
-        raise CheckpointError(f"{repo_id}: the Hub repo has no file {filename}") from e
-    except LocalEntryNotFoundError as e:
+    except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: test it first
         raise CheckpointError(
             f"{repo_id}/{filename}: not in the local Hugging Face cache and the Hub cannot be reached (offline?)"
         ) from e
+    except EntryNotFoundError as e:
+        raise CheckpointError(f"{repo_id}: the Hub repo has no file {filename}") from e
     except HfHubHTTPError as e:
         raise CheckpointError(f"{repo_id}/{filename}: download failed ({_first_line(e)})") from e
     except ValueError as e:
@@ -375,8 +387,11 @@ def _download_repo(repo_id: str) -> Path:
     config = _hub_download(repo_id, EXPORT_CONFIG)
     try:
         _hub_download(repo_id, EXPORT_WEIGHTS)
-    except CheckpointError:
-        _hub_download(repo_id, TRANSFORMERS_BIN)
+    except CheckpointError as no_safetensors:
+        try:
+            _hub_download(repo_id, TRANSFORMERS_BIN)
+        except CheckpointError:
+            raise no_safetensors from None
     return config.parent
 
 
