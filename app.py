@@ -1,0 +1,23 @@
+"""VAN Studio's Gradio app: ``python app.py [--model SOURCE]`` (Hugging Face Spaces runs this file)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from van_app.ui import build_demo, launch_options
+
+
+def main() -> None:
+    """Parse the command line, build the page and serve it."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=os.environ.get("VAN_MODEL"),
+                        help="anything load_model accepts (variant, checkpoint, export dir, Hub repo id); "
+                             "default: $VAN_MODEL, else the bundled export under checkpoints/")
+    args = parser.parse_args()
+    build_demo(args.model, root=Path(__file__).resolve().parent).launch(**launch_options())
+
+
+if __name__ == "__main__":
+    main()
