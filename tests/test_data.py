@@ -497,3 +497,14 @@ def test_eval_transform_follows_crop_pct(tmp_path):
     resize = dm.eval_transform().transforms[0]
     assert resize.size == 48
     assert dm.data_config()["crop_pct"] == 0.5
+
+
+def test_train_transform_crops_flips_and_rand_augments(tmp_path):
+    dm = datamodule(make_classes(tmp_path, {"a": 2, "b": 2}))
+    kinds = [type(t).__name__ for t in dm.train_transform().transforms]
+    assert kinds[:3] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "RandAugment"]
+
+
+def test_train_transform_without_auto_augment_has_no_rand_augment(tmp_path):
+    dm = datamodule(make_classes(tmp_path, {"a": 2, "b": 2}), auto_augment=None)
+    assert "RandAugment" not in [type(t).__name__ for t in dm.train_transform().transforms]

@@ -156,7 +156,9 @@ class VanDataModule(lightning.LightningDataModule):
     ``DATA/val/<class>/...`` (+ optional ``DATA/test/<class>/...``). Classes are the sorted folder names.
     With ``balance=True`` training draws from a seeded ``WeightedRandomSampler``; under DDP Lightning's default
     ``use_distributed_sampler=True`` wraps it in ``DistributedSamplerWrapper``, and the fixed seed makes every rank
-    draw the same sequence, so ranks take disjoint shares of it.
+    draw the same sequence, so ranks take disjoint shares of it. ``img_size``, ``mean``, ``std``, ``interpolation``
+    and ``crop_pct`` are read when a loader is built, so they may be changed after the scan (to a model's config).
+    With ``bad_files_path`` the skipped files are written there at once and the summary line names it.
     """
 
     def __init__(
@@ -224,7 +226,8 @@ class VanDataModule(lightning.LightningDataModule):
         if "train" in top or "val" in top:
             missing = [s for s in ("train", "val") if s not in top]
             if missing:
-                raise DataError(f"{root} has {'val' if missing == ['train'] else 'train'}/ but no {missing[0]}/ ({LAYOUT_HELP})")
+                present = "val" if missing == ["train"] else "train"
+                raise DataError(f"{root} has {present}/ but no {missing[0]}/ ({LAYOUT_HELP})")
             folders = {split: class_folders(top[split]) for split in SPLITS if split in top}
             self._require_same_classes(folders)
             return "split", folders
