@@ -209,7 +209,7 @@ def read_state_dict(path: Path) -> dict[str, Any]:
             return load_file(path)
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
-    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # torch's zip format or a legacy pickle
+    if not head.startswith((b"PK", b"\x80")):  # torch's zip format or a legacy pickle
         raise CheckpointError(f"{path}: not a checkpoint: neither safetensors nor a PyTorch file")
     try:
         # The official training script stores its argparse.Namespace beside the weights; it only holds values.
@@ -221,7 +221,10 @@ def read_state_dict(path: Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"{path}: refused to unpickle {culprit[1]}: a checkpoint may hold only tensors and plain values"
             ) from e
-        raise CheckpointError(f"{path}: corrupt checkpoint ({_first_line(e)})") from e
+        reason = re.search(r"Unsupported [^\n]+", str(e))
+        raise CheckpointError(
+            f"{path}: refused to unpickle: not a tensor-only PyTorch checkpoint ({reason[0] if reason else 'corrupt'})"
+        ) from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from e
     if not isinstance(obj, dict):
