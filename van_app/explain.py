@@ -229,11 +229,12 @@ def class_maps(model: nn.Module, image: Image.Image, index: int) -> list[Heatmap
     """
     label = model.labels[index]
     param = next(model.parameters())
-    batch = preprocess(model, to_rgb(image)).to(param.device, param.dtype).requires_grad_(True)
-    with torch.inference_mode(False), torch.enable_grad(), capture_attention(model) as captured:
-        logits = model(batch)
-    keys = sorted(captured)
-    grads = torch.autograd.grad(logits[0, index], [captured[key] for key in keys])
+    with torch.inference_mode(False), torch.enable_grad():
+        batch = preprocess(model, to_rgb(image)).to(param.device, param.dtype).requires_grad_(True)
+        with capture_attention(model) as captured:
+            logits = model(batch)
+        keys = sorted(captured)
+        grads = torch.autograd.grad(logits[0, index], [captured[key] for key in keys])
     strides = _strides(model)
     per_stage: dict[int, torch.Tensor] = {}
     with torch.no_grad():

@@ -1,0 +1,204 @@
+"""Heatmaps from LKA attention: shapes, ranges, flags, alignment with the original image, class maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from van_app import fuse, load_model, preprocess
+from van_app.explain import (
+    ClassMapCache,
+    Heatmap,
+    analyse,
+    class_maps,
+    input_geometry,
+    normalise,
+    overlay,
+    render,
+)
+from van_app.model import lka_modules
+
+
+def _tiny(size: int = 64) -> torch.nn.Module:
+    """A seeded van_micro with 4 classes that expects ``size`` px inputs."""
+    torch.manual_seed(0)
+    model = load_model("van_micro", num_classes=4)
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, size, size))
+    return model
+
+
+def _off_centre(size: tuple[int, int] = (96, 48)) -> Image.Image:
+    """A dark non-square image with a bright disc right of centre."""
+    image = Image.new("RGB", size, (20, 20, 30))
+    ImageDraw.Draw(image).ellipse((size[0] * 0.55, size[1] * 0.2, size[0] * 0.85, size[1] * 0.8), fill=(250, 220, 40))
+    return image
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return _tiny()
+
+
+def test_analyse_returns_one_map_per_stage_plus_combined(model):
+    analysis = analyse(model, _off_centre(), k=3)
+    assert [m.title for m in analysis.maps] == ["Stage 1", "Stage 2", "Stage 3", "Stage 4", "Combined"]
+    assert [m.raw.shape for m in analysis.maps] == [(16, 16), (8, 8), (4, 4), (2, 2), (16, 16)]
+    assert len(analysis.top) == 3
+
+
+def test_block_maps_cover_every_block(model):
+    analysis = analyse(model, _off_centre(), blocks=True)
+    blocks = [m.title for m in analysis.maps if "block" in m.title]
+    assert blocks == [f"Stage {s + 1} block {b + 1}" for (s, b), _ in lka_modules(model)]
+
+
+def test_display_maps_are_in_unit_range_and_raw_maps_signed(model):
+    analysis = analyse(model, _off_centre())
+    for heatmap in analysis.maps:
+        assert heatmap.display.shape == heatmap.raw.shape
+        assert np.isfinite(heatmap.display).all()
+        assert heatmap.display.min() >= 0.0 and heatmap.display.max() <= 1.0
+    assert any(m.raw.min() < 0 for m in analysis.maps[:4])
+
+
+def test_stage_maps_match_the_unfused_model(model):
+    plain = analyse(model, _off_centre())
+    fused = analyse(fuse(model), _off_centre())
+    for a, b in zip(plain.maps, fused.maps):
+        np.testing.assert_allclose(a.raw, b.raw, rtol=1e-3, atol=1e-4)
+
+
+def test_one_cell_map_is_flagged_constant():
+    analysis = analyse(_tiny(32), _off_centre())
+    last = analysis.maps[3]
+    assert last.raw.shape == (1, 1) and last.constant
+    assert not last.display.any()
+
+
+def test_constant_and_non_finite_maps_display_as_zeros():
+    for raw in (np.full((4, 4), 3.0), np.zeros((4, 4)), np.array([[1.0, np.nan], [0.0, 2.0]]),
+                np.full((4, 4), 1.0) + np.eye(4) * 1e-9):
+        display, constant = normalise(raw)
+        assert constant and np.array_equal(display, np.zeros_like(display))
+
+
+def test_class_map_without_positive_evidence_is_flagged():
+    display, constant = normalise(-np.arange(16.0).reshape(4, 4), positive=True)
+    assert constant and not display.any()
+
+
+def test_overlay_of_constant_map_leaves_image_uncoloured(model):
+    image = _off_centre()
+    flat = Heatmap("flat", np.ones((2, 2), np.float32), np.zeros((2, 2), np.float32), 32, True)
+    out = overlay(image, flat, input_geometry(model, image.size), opacity=1.0)
+    assert np.array_equal(np.asarray(out), np.asarray(image))
+
+
+def test_geometry_matches_timm_resize_and_centre_crop(model):
+    geometry = input_geometry(model, (96, 48))
+    # 64 / 0.9 -> shorter side 71, longer int(71 * 2) = 142, crop 64 centred: left round(39) = 39.
+    assert geometry.input_size == (64, 64)
+    assert geometry.scale == pytest.approx((142 / 96, 71 / 48))
+    assert geometry.offset == pytest.approx((39, 4))
+
+
+def test_render_undoes_the_crop_on_a_non_square_image(model):
+    image = _off_centre()
+    batch = preprocess(model, image)[0, 0].numpy()
+    # the model input itself as a stride-1 map must come back onto the original where it was taken
+    stride_one = Heatmap("input", batch, normalise(batch)[0], 1, False)
+    values, (left, top, right, bottom) = render(stride_one, input_geometry(model, image.size))
+    original = np.asarray(image.convert("L"), np.float32)
+    disc = original[top:bottom, left:right] > 128
+    assert values.shape == original.shape[:2]
+    assert (left, top, right, bottom) == (26, 3, 70, 46)
+    assert values[top:bottom, left:right][disc].mean() > 0.8
+    assert values[top:bottom, left:right][~disc].mean() < 0.2
+    assert not values[:, :left].any() and not values[:, right:].any()
+
+
+def test_render_centres_cells_on_their_receptive_fields(model):
+    image = Image.new("RGB", (64, 64))
+    geometry = input_geometry(model, image.size)
+    grid = np.zeros((4, 4), np.float32)
+    grid[2, 1] = 1.0  # cell (2, 1) of a stride-16 grid is centred on input pixel (y=32, x=16)
+    values, _ = render(Heatmap("cell", grid, grid, 16, False), geometry, size=geometry.input_size)
+    # with input = scale * original - offset and a same-size output, the peak lands where that pixel came from
+    peak_y, peak_x = np.unravel_index(values.argmax(), values.shape)
+    expected_x = (16 + 0.5 + geometry.offset[0]) / geometry.scale[0]
+    expected_y = (32 + 0.5 + geometry.offset[1]) / geometry.scale[1]
+    assert abs(peak_x + 0.5 - expected_x) <= 1.0 and abs(peak_y + 0.5 - expected_y) <= 1.0
+
+
+def test_overlay_colours_only_inside_the_crop(model):
+    image = _off_centre()
+    analysis = analyse(model, image)
+    out = np.asarray(overlay(image, analysis.maps[-1], analysis.geometry, "jet", 0.6)).astype(int)
+    changed = np.abs(out - np.asarray(image).astype(int)).sum(-1) > 0
+    columns = np.flatnonzero(changed.any(0))
+    rows = np.flatnonzero(changed.any(1))
+    assert out.shape == (48, 96, 3)
+    assert columns.min() >= 26 and columns.max() <= 69 and rows.min() >= 3 and rows.max() <= 45
+
+
+def test_overlay_opacity_and_colormap_change_the_result(model):
+    image = _off_centre()
+    analysis = analyse(model, image)
+    combined = analysis.maps[-1]
+    a = np.asarray(overlay(image, combined, analysis.geometry, "jet", 0.3))
+    b = np.asarray(overlay(image, combined, analysis.geometry, "jet", 0.9))
+    c = np.asarray(overlay(image, combined, analysis.geometry, "viridis", 0.9))
+    assert not np.array_equal(a, b) and not np.array_equal(b, c)
+
+
+def test_overlay_keeps_size_and_aspect_up_to_max_side(model):
+    image = _off_centre((300, 120))
+    analysis = analyse(model, image)
+    assert overlay(image, analysis.maps[0], analysis.geometry).size == (300, 120)
+    assert overlay(image, analysis.maps[0], analysis.geometry, max_side=150).size == (150, 60)
+
+
+def test_class_maps_differ_per_class(model):
+    image = _off_centre()
+    first, second = class_maps(model, image, 0), class_maps(model, image, 1)
+    assert [m.title for m in first][-1] == "Evidence for class_0"
+    assert any(not np.allclose(a.raw, b.raw) for a, b in zip(first, second))
+    assert all(0.0 <= m.display.min() and m.display.max() <= 1.0 for m in first)
+
+
+def test_class_maps_remove_hooks_and_leave_no_gradients(model):
+    class_maps(model, _off_centre(), 2)
+    assert all(not lka.conv1._forward_hooks for _, lka in lka_modules(model))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_class_maps_work_inside_inference_mode(model):
+    with torch.inference_mode():
+        maps = class_maps(model, _off_centre(), 1)
+    assert np.isfinite(maps[-1].raw).all()
+
+
+def test_class_map_cache_returns_the_stored_maps(model):
+    cache = ClassMapCache(model, maxsize=2)
+    image = _off_centre()
+    assert cache(image, 1) is cache(image, 1)
+    assert cache(image, 1) is not cache(image, 2)
+
+
+@pytest.mark.parametrize("size", [(33, 77), (640, 20), (5, 5)])
+def test_any_image_size_gives_aligned_overlays(model, size):
+    image = _off_centre(size)
+    analysis = analyse(model, image)
+    for heatmap in analysis.maps:
+        assert overlay(image, heatmap, analysis.geometry).size == size
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_maps_on_gpu_match_cpu(model):
+    image = _off_centre()
+    cpu = analyse(model, image)
+    gpu = analyse(_tiny().cuda(), image)
+    np.testing.assert_allclose(cpu.maps[-1].display, gpu.maps[-1].display, atol=1e-3)
+    assert np.isfinite(class_maps(_tiny().cuda(), image, 1)[-1].display).all()
