@@ -1,0 +1,166 @@
+"""The export folder of a finished run: files, config layouts, metrics, model card, exact reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+
+import van_app
+from van_app.data import VanDataModule
+from van_app.export import EXPORT_FILES, RunInfo, atomic_path, export_config, write_text
+from van_app.model import VanSpec
+from van_app.module import model_state
+from van_app.weights import build_model, infer_spec
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def val_datamodule(data):
+    """The data module the run used (same seed and split), to read its validation images."""
+    return VanDataModule(data, img_size=32, batch_size=4, workers=0, progress=False)
+
+
+def test_export_holds_every_file(trained):
+    _, out, _ = trained
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(EXPORT_FILES)
+
+
+def test_no_temporary_files_are_left_behind(trained):
+    _, out, _ = trained
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_config_has_timm_hub_layout(trained):
+    _, out, _ = trained
+    config = read_json(out / "config.json")
+    assert config["architecture"] == "van_micro"
+    assert config["model_args"] == {"embed_dims": [8, 16, 32, 64], "depths": [1, 1, 2, 1], "mlp_ratios": [8, 8, 4, 4]}
+    assert config["num_classes"] == 3 and config["num_features"] == 64
+    assert config["label_names"] == ["cat", "dog", "owl"]
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert config["pretrained_cfg"]["classifier"] == "head"
+
+
+def test_config_has_van_app_keys(trained):
+    _, out, _ = trained
+    config = read_json(out / "config.json")
+    assert config["id2label"] == {"0": "cat", "1": "dog", "2": "owl"}
+    assert config["label2id"] == {"cat": 0, "dog": 1, "owl": 2}
+    assert (config["image_size"], config["mean"], config["std"]) == (32, [0.5] * 3, [0.5] * 3)
+    assert (config["interpolation"], config["crop_pct"]) == ("bicubic", 0.9)
+    assert config["version"] == van_app.__version__
+    assert config["training_args"]["epochs"] == 2 and config["training_args"]["model"] == "van_micro"
+
+
+def test_metrics_are_flat_with_per_class_values(trained):
+    _, out, _ = trained
+    metrics = read_json(out / "metrics.json")
+    for key in ("val_acc", "val_loss", "val_f1", "images_seen", "epochs", "wall_time_s"):
+        assert isinstance(metrics[key], (int, float)), key
+    for label in ("cat", "dog", "owl"):
+        for metric in ("precision", "recall", "f1"):
+            assert 0.0 <= metrics[f"val_{metric}_{label}"] <= 1.0
+    assert metrics["epochs"] == 2
+    assert metrics["images_seen"] == 2 * (6 * 3 // 4) * 4  # 18 training images, full batches of 4, 2 epochs
+
+
+def test_confusion_matrix_counts_every_validation_image(trained):
+    data, out, _ = trained
+    confusion = read_json(out / "confusion_matrix.json")
+    assert confusion["labels"] == ["cat", "dog", "owl"]
+    assert sum(map(sum, confusion["matrix"])) == len(val_datamodule(data).val_samples)
+
+
+def test_confusion_matrix_plot_is_a_png(trained):
+    _, out, _ = trained
+    with Image.open(out / "confusion_matrix.png") as image:
+        assert image.format == "PNG" and image.width > 100
+
+
+def test_bad_files_lists_the_corrupt_image(trained):
+    _, out, _ = trained
+    lines = (out / "bad_files.txt").read_text().splitlines()
+    assert lines[0].startswith("# 1 bad image")
+    assert lines[1].startswith("owl/broken.jpg\t")
+
+
+def test_model_card_has_hub_metadata(trained):
+    _, out, _ = trained
+    card = ModelCard.load(out / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "timm" and data["pipeline_tag"] == "image-classification"
+    assert data["license"] == "apache-2.0"
+    assert "van" in data["tags"] and "image-classification" in data["tags"]
+    assert "base_model" not in data  # trained from scratch
+    accuracy = data["model-index"][0]["results"][0]["metrics"][0]
+    assert accuracy["type"] == "accuracy"
+    assert accuracy["value"] == round(read_json(out / "metrics.json")["val_acc"], 4)
+
+
+def test_model_card_explains_labels_loading_and_reproduction(trained):
+    data, out, _ = trained
+    text = ModelCard.load(out / "README.md").text
+    assert "| 2 | owl |" in text
+    assert "van_app.load_model(" in text and "python app.py --model" in text
+    assert f"van-finetune --data {data}" in text
+
+
+def test_reload_reproduces_the_validation_accuracy(trained):
+    data, out, _ = trained
+    model = van_app.load_model(out)
+    dm = val_datamodule(data)
+    hits = [max(p := van_app.predict(model, Image.open(path), k=1), key=p.get) == dm.classes[label]
+            for path, label in dm.val_samples]
+    assert sum(hits) / len(hits) == pytest.approx(read_json(out / "metrics.json")["val_acc"], abs=1e-6)
+
+
+def test_reload_gives_exactly_the_best_checkpoints_logits(trained):
+    data, out, _ = trained
+    state = model_state(torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True))
+    trained_model = build_model(infer_spec(state)[0], 3)
+    trained_model.load_state_dict(state)
+    batch, _ = next(iter(val_datamodule(data).val_dataloader()))
+    with torch.no_grad():
+        assert torch.equal(van_app.load_model(out)(batch), trained_model.eval()(batch))
+
+
+def test_reload_keeps_labels_and_preprocessing(trained):
+    _, out, _ = trained
+    model = van_app.load_model(out)
+    assert model.labels == ["cat", "dog", "owl"] and model.variant == "van_micro"
+    assert tuple(model.pretrained_cfg["input_size"]) == (3, 32, 32)
+
+
+def test_timm_local_dir_rebuilds_the_model_with_labels(trained):
+    _, out, _ = trained
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), van_app.load_model(out)(x))
+    assert model.pretrained_cfg["label_names"] == ["cat", "dog", "owl"]
+
+
+def test_custom_spec_config_rebuilds_through_timm(tmp_path):
+    model = build_model(VanSpec((8, 16, 24, 32), (1, 1, 1, 1), (4, 4, 4, 4)), 2)
+    run = RunInfo(data_name="d", data_summary={}, training_args={}, command="van-finetune --data d")
+    config = export_config(model, ["a", "b"], {"input_size": (3, 32, 32), "interpolation": "bicubic",
+                                               "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.9}, run)
+    write_text(tmp_path / "config.json", json.dumps(config))
+    rebuilt = timm.create_model(f"local-dir:{tmp_path}", pretrained=False)
+    assert config["architecture"] == "van_micro" and rebuilt.embed_dims == (8, 16, 24, 32)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
