@@ -156,6 +156,16 @@ def test_checkpoint_filter_fn_is_identity_on_our_layout() -> None:
     assert checkpoint_filter_fn(state).keys() == state.keys()
 
 
+def test_norm_epsilons_match_both_peers() -> None:
+    # Logits barely move with LayerNorm eps (1e-6 vs 1e-5 shifts them by ~2e-6), so pin the constants themselves:
+    # official norm_layer=partial(nn.LayerNorm, eps=1e-6), transformers layer_norm_eps=1e-6, BatchNorm defaults.
+    model = load_model(OFFICIAL)
+    assert {stage.norm.eps for stage in model.stages} == {1e-6}
+    batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {m.eps for m in batch_norms} == {1e-5}
+    assert json.loads((TRANSFORMERS / "config.json").read_text())["layer_norm_eps"] == 1e-6
+
+
 def test_official_van_b0_layout_is_inferred_as_van_b0(tmp_path: Path) -> None:
     torch.manual_seed(0)
     path = tmp_path / "van_b0.pth.tar"

@@ -19,7 +19,11 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float32)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        top = float(array.max(initial=0.0))
+        if image.mode == "F" and top <= 1.0:
+            peak = 1.0  # floating-point intensities in [0, 1]
+        else:
+            peak = 65535.0 if image.mode.startswith("I;16") or top > 255 else 255.0
         image = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).round().astype(np.uint8), "L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")

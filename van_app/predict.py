@@ -10,6 +10,10 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 from .images import to_rgb
+from .weights import VAN_MEAN, VAN_STD, default_labels
+
+# For a VAN built without timm (no ``pretrained_cfg``): the official weights' preprocessing, not ImageNet's.
+_VAN_PREPROCESSING = {"mean": VAN_MEAN, "std": VAN_STD, "interpolation": "bicubic", "crop_pct": 0.9}
 
 
 @lru_cache(maxsize=16)
@@ -21,7 +25,8 @@ def _eval_transform(input_size: tuple, interpolation: str, mean: tuple, std: tup
 
 def data_config(model: nn.Module) -> dict:
     """The model's preprocessing (input size, interpolation, mean, std, crop) as timm resolves it."""
-    return resolve_data_config(model=model)
+    pretrained_cfg = getattr(model, "pretrained_cfg", None) or _VAN_PREPROCESSING
+    return resolve_data_config(pretrained_cfg=dict(pretrained_cfg), model=model)
 
 
 def preprocess(model: nn.Module, image: Image.Image) -> torch.Tensor:
@@ -34,9 +39,12 @@ def preprocess(model: nn.Module, image: Image.Image) -> torch.Tensor:
 
 def predict(model: nn.Module, image: Image.Image, k: int = 5) -> dict[str, float]:
     """Top-``k`` labels of ``image`` with their probabilities, highest first."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
     param = next(model.parameters())
     batch = preprocess(model, image).to(param.device, param.dtype)
     with torch.inference_mode():
         probs = model(batch).float().softmax(-1)[0]
     top = probs.topk(min(k, probs.numel()))
-    return {model.labels[i]: float(p) for p, i in zip(top.values.tolist(), top.indices.tolist())}
+    labels = getattr(model, "labels", None) or default_labels(probs.numel())
+    return {labels[i]: float(p) for p, i in zip(top.values.tolist(), top.indices.tolist())}
