@@ -215,17 +215,22 @@ def launch_options() -> dict[str, Any]:
     )
 
 
-class ImageInput(gr.Image):
-    """``gr.Image`` whose undecodable uploads become a readable ``gr.Error`` instead of a server traceback."""
+def readable_upload_errors(component: gr.Image) -> gr.Image:
+    """``component`` whose undecodable uploads raise a readable ``gr.Error`` instead of a server traceback.
 
-    is_template = True
+    Wraps the instance's ``preprocess``: subclassing a component would make gradio
+    write a ``.pyi`` stub beside this module whenever it is imported.
+    """
+    preprocess = component.preprocess
 
-    def preprocess(self, payload: Any) -> Any:
-        """The upload's file path, or a ``gr.Error`` when it is not an image at all."""
+    def checked(payload: Any) -> Any:
         try:
-            return super().preprocess(payload)
+            return preprocess(payload)
         except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
             raise gr.Error(f"Not an image ({type(e).__name__}): use a PNG, JPEG, WebP, GIF, BMP or TIFF file.") from e
+
+    component.preprocess = checked
+    return component
 
 
 def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5, concurrency: int = 2) -> gr.Blocks:
@@ -297,8 +302,9 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
                     "Classify an image and see where each stage's Large Kernel Attention looks.")
         with gr.Row():
             with gr.Column(scale=1):
-                image = ImageInput(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
-                                   label="Image (upload, paste or webcam)")
+                image = readable_upload_errors(gr.Image(type="filepath", image_mode=None,
+                                                        sources=["upload", "clipboard", "webcam"],
+                                                        label="Image (upload, paste or webcam)"))
                 button = gr.Button("Classify and explain", variant="primary")
                 examples = example_images(root / "examples")
                 if examples:
