@@ -30,22 +30,52 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .model import LKA, Block, OverlapPatchEmbed
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact GELU; a channels-last tensor goes through its NHWC view, which PyTorch vectorizes (about 2x faster)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return F.gelu(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    return F.gelu(x)
+
+
+class FusedLKA(nn.Module):
+    """LKA computing the same function with the dilated convolution's zero padding done beforehand.
+
+    oneDNN's fast depth-wise kernels reject a padding as wide as this one (9), and
+    PyTorch then falls back to a reference kernel 5-20x slower; padding first avoids it.
+    """
+
+    def __init__(self, lka: LKA) -> None:
+        super().__init__()
+        if lka.conv_spatial.padding_mode != "zeros":
+            raise ValueError("only zero-padded LKA convolutions can be pre-padded")
+        ph, pw = lka.conv_spatial.padding
+        self.spatial_padding = (pw, pw, ph, ph)
+        self.conv0 = lka.conv0
+        self.conv_spatial = lka.conv_spatial
+        self.conv_spatial.padding = (0, 0)
+        self.conv1 = lka.conv1
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        attn = self.conv_spatial(F.pad(self.conv0(u), self.spatial_padding))
+        return u * self.conv1(attn)
 
 
 class FusedAttention(nn.Module):
     """1x1 projection (norm1 folded in) -> GELU -> LKA -> 1x1 projection (layer scale folded in), no shortcut."""
 
-    def __init__(self, proj_1: nn.Conv2d, lka: LKA, proj_2: nn.Conv2d) -> None:
+    def __init__(self, proj_1: nn.Conv2d, lka: FusedLKA, proj_2: nn.Conv2d) -> None:
         super().__init__()
         self.proj_1 = proj_1
-        self.act = nn.GELU()
         self.lka = lka
         self.proj_2 = proj_2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj_2(self.lka(self.act(self.proj_1(x))))
+        return self.proj_2(self.lka(_gelu(self.proj_1(x))))
 
 
 class FusedMlp(nn.Module):
@@ -55,11 +85,10 @@ class FusedMlp(nn.Module):
         super().__init__()
         self.fc1 = fc1
         self.dwconv = dwconv
-        self.act = nn.GELU()
         self.fc2 = fc2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.dwconv(self.fc1(x))))
+        return self.fc2(_gelu(self.dwconv(self.fc1(x))))
 
 
 class FusedBlock(nn.Module):
@@ -135,7 +164,7 @@ def _fuse_block(block: Block) -> FusedBlock:
     ls1, ls2 = block.layer_scale_1.detach().double(), block.layer_scale_2.detach().double()
     attn = FusedAttention(
         _fold_bn_before(block.norm1, block.attn.proj_1),
-        block.attn.lka,
+        FusedLKA(block.attn.lka),
         _scale_out(block.attn.proj_2, ls1, shift=t1),
     )
     mlp = FusedMlp(_fold_bn_before(block.norm2, block.mlp.fc1), block.mlp.dwconv, _scale_out(block.mlp.fc2, ls2))
