@@ -240,6 +240,17 @@ def test_pretrained_van_b0_comes_from_the_hub_cache(hub_cache: Path) -> None:
     assert_same_weights(model, expected)
 
 
+def test_timm_create_model_pretrained_reads_the_same_official_file(hub_cache: Path) -> None:
+    import timm
+
+    torch.manual_seed(2)
+    expected = load_model("van_b0")
+    snapshot = cached_snapshot(hub_cache, "Visual-Attention-Network/VAN-Tiny-original")
+    torch.save({"state_dict": to_official(expected.state_dict())}, snapshot / "van_tiny_754.pth.tar")
+    assert_same_weights(timm.create_model("van_b0", pretrained=True), expected)
+    assert timm.create_model("van_b0", pretrained=True, num_classes=5).head.out_features == 5
+
+
 def test_pretrained_van_b0_not_cached_offline_is_one_line_error(hub_cache: Path) -> None:
     with pytest.raises(CheckpointError, match="van_tiny_754.pth.tar: not in the local Hugging Face cache") as error:
         load_model("van_b0", pretrained=True)
