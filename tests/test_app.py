@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import socket
 import subprocess
@@ -48,14 +50,23 @@ def start_app(model: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str
     raise RuntimeError(f"app.py did not answer on {url} within {timeout} s")
 
 
-@pytest.fixture(scope="module")
-def client():
+def stop(process: subprocess.Popen) -> None:
+    """Terminate the app and reap it."""
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@functools.cache
+def shared_app() -> str:
+    """URL of one ``python app.py`` (VAN_MODEL=van_micro) shared by the app and browser tests, stopped at exit."""
     process, url = start_app("van_micro")
-    try:
-        yield Client(url, verbose=False)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    atexit.register(stop, process)
+    return url
+
+
+@pytest.fixture(scope="module")
+def client() -> Client:
+    return Client(shared_app(), verbose=False)
 
 
 def shape_image(path: Path, size: tuple[int, int] = (80, 48), mode: str = "RGB") -> Path:

@@ -202,7 +202,7 @@ def run_prediction(store: ModelStore, path: str | None, key: ModelKey, k: int = 
 
 def timing(result: Result) -> str:
     """Markdown with the time the prediction and the overlays took."""
-    return (f"⏱ {1000 * (result.seconds + result.render_seconds):.0f} ms: prediction and attention maps "
+    return (f"Time: {1000 * (result.seconds + result.render_seconds):.0f} ms: prediction and attention maps "
             f"{1000 * result.seconds:.0f} ms, overlays {1000 * result.render_seconds:.0f} ms")
 
 
@@ -310,21 +310,23 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
                 if examples:
                     gr.Examples([[p] for p in examples], inputs=[image], label="Examples")
             with gr.Column(scale=1):
-                labels = gr.Label(num_top_classes=k, label="Top predictions")
+                labels = gr.Label(num_top_classes=k, label="Top predictions", elem_id="labels")
                 elapsed = gr.Markdown()
                 info = gr.Markdown(startup.describe())
         gr.Markdown(STAGE_NOTE)
         gallery = gr.Gallery(label="Where the network looks (class-agnostic): stages and combined",
-                             columns=5, height="auto", format="jpeg", elem_id="overlays")
+                             columns=5, rows=1, height=260, object_fit="contain", format="jpeg",
+                             elem_id="overlays")
         with gr.Row():
             with gr.Column(scale=1):
-                target = gr.Dropdown(choices=startup.model.labels, value=None, filterable=True,
+                target = gr.Dropdown(choices=startup.model.labels, value=None, filterable=True, elem_id="target",
                                      label="Evidence for class (Grad-CAM on LKA attention, computed when picked)")
                 opacity = gr.Slider(0.0, 1.0, value=Style().opacity, step=0.05, label="Overlay opacity")
                 colormap = gr.Dropdown(list(COLORMAPS), value=Style().colormap, label="Colormap")
                 blocks = gr.Checkbox(value=False, label="Also show each block's map")
             with gr.Column(scale=2):
-                compare = gr.ImageSlider(type="pil", label="Original ↔ overlay (combined map, or the class's evidence)")
+                compare = gr.ImageSlider(type="pil", max_height=420, elem_id="compare",
+                                         label="Original ↔ overlay (combined map, or the class's evidence)")
         with gr.Accordion("Model", open=False):
             picker = gr.Radio(choices, value=DEFAULT_CHOICE, label="Model")
             with gr.Row():
