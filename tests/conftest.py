@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +19,7 @@ from PIL import Image
 # The smallest useful fine-tuning run: the registered few-thousand-parameter VAN on 32 px images.
 TINY_RUN = ["--model", "van_micro", "--pretrained", "none", "--img-size", "32", "--batch-size", "4",
             "--workers", "0", "--epochs", "1"]
+TOKEN = "hf_localtesttoken0123456789"
 
 
 def make_image_folders(root: Path, classes: tuple[str, ...] = ("cat", "dog", "owl"), per_class: int = 8,
@@ -46,3 +53,76 @@ def trained(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
                      env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return data, out, result
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """The Hub endpoints huggingface_hub's create_repo and upload_folder call; everything else is a 404."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        if self.path == "/api/repos/create":
+            repo = json.loads(body)
+            self._json({"url": f"{endpoint}/{repo['organization']}/{repo['name']}"})
+        elif self.path == "/api/validate-yaml":
+            self._json({"errors": [], "warnings": []})
+        elif "/preupload/" in self.path:  # "regular" upload: file contents travel inside the commit itself
+            files = json.loads(body)["files"]
+            self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+        elif "/commit/" in self.path:
+            repo = self.path.split("/api/models/")[1].split("/commit/")[0]
+            self._json({"commitUrl": f"{endpoint}/{repo}/commit/{'0' * 40}", "commitOid": "0" * 40})
+        else:
+            self._json({"error": "not found"}, 404)
+
+    def do_GET(self) -> None:
+        self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": b""})
+        self._json({"error": "not found"}, 404)
+
+    def _json(self, obj: dict, status: int = 200) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def fake_hub() -> Iterator[ThreadingHTTPServer]:
+    """A running fake Hub on 127.0.0.1; ``server.requests`` lists what the client sent."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    server.requests = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def hub() -> Iterator[ThreadingHTTPServer]:
+    """A fake Hub for one test."""
+    with fake_hub() as server:
+        yield server
+
+
+def hub_env(server: ThreadingHTTPServer, tmp_path: Path, token: str = TOKEN) -> dict[str, str]:
+    """Environment pointing huggingface_hub at ``server`` with ``token`` and no stored login."""
+    return {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_TOKEN": token,
+            "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0"}
+
+
+def commits(server: ThreadingHTTPServer) -> list[list[dict]]:
+    """Each commit request as its NDJSON lines."""
+    return [[json.loads(line) for line in r["body"].splitlines()] for r in server.requests if "/commit/" in r["path"]]
+
+
+def committed_files(commit: list[dict]) -> dict[str, bytes]:
+    """``{path in repo: content}`` of the file operations in one commit."""
+    return {op["value"]["path"]: base64.b64decode(op["value"]["content"]) for op in commit if op["key"] == "file"}

@@ -116,15 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _configure_output() -> None:
-    """Our warnings as ``warning: ...`` lines; silence Lightning's hints that do not apply to small data sets."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("warning: %(message)s"))
-    logger = logging.getLogger("van_app")
-    logger.addHandler(handler)
-    logger.propagate = False
+    """Warnings as ``warning: ...`` lines; silence Lightning's hints that do not apply to small data sets."""
+    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)  # no-op when logging is configured
     for hint in (".*does not have many workers.*", ".*smaller than the logging interval.*",
                  ".*Checkpoint directory .* exists and is not empty.*", ".*exists and is not empty.*",
-                 ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"):
+                 ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*", ".*your dataloader is not resumable.*"):
         warnings.filterwarnings("ignore", hint)
 
 

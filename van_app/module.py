@@ -89,6 +89,19 @@ def _is_local(source: str) -> bool:
     return Path(source).expanduser().exists()
 
 
+def parameter_groups(model: VAN, lr: float, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """AdamW groups: decay only on matrices/kernels (not norms, biases, layer scales); optional layer-wise LR decay."""
+    skip = model.no_weight_decay()
+    if layer_decay:
+        groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
+                                          layer_decay=layer_decay)
+    else:
+        groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return groups
+
+
 def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float):
     """LR multiplier per optimizer step: linear warm-up to 1, then cosine decay to ``min_ratio``."""
 
@@ -182,14 +195,7 @@ class VanClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.config
-        skip = self.model.no_weight_decay()
-        if cfg.layer_decay:
-            groups = param_groups_layer_decay(self.model, cfg.weight_decay, skip, cfg.layer_decay)
-        else:
-            groups = param_groups_weight_decay(self.model, cfg.weight_decay, skip)
-        for group in groups:
-            group["lr"] = self.lr * group.get("lr_scale", 1.0)
-        optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        optimizer = torch.optim.AdamW(parameter_groups(self.model, self.lr, cfg.weight_decay, cfg.layer_decay))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         warmup = min(int(cfg.warmup_epochs * per_epoch), total // 2)

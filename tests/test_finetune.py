@@ -1,0 +1,252 @@
+"""van-finetune end to end (console script), its clear errors, resume, DDP, and the training recipe's parts."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import van_app
+from conftest import TINY_RUN, commits, committed_files, fake_hub, hub_env, make_image_folders, run_cli
+from van_app.cli import build_parser, main
+from van_app.export import EXPORT_FILES
+from van_app.model import VARIANTS
+from van_app.module import FreezeBackbone, cosine_with_warmup, create_classifier, parameter_groups
+from van_app.weights import build_model
+
+OPTIONS = ["--ema", "--ema-decay", "0.9", "--freeze-epochs", "1", "--mixup", "0.2", "--cutmix", "0.2",
+           "--layer-decay", "0.75", "--balance", "--label-smoothing", "0.05", "--patience", "3"]
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory):
+    """A DATA/train + DATA/val run with every optional technique on, pushed to a fake Hub."""
+    root = tmp_path_factory.mktemp("split")
+    data = root / "birds"
+    make_image_folders(data / "train", classes=("crow", "gull"), per_class=6)
+    make_image_folders(data / "val", classes=("crow", "gull"), per_class=2)
+    out = root / "export"
+    with fake_hub() as hub:
+        result = run_cli("van-finetune", "--data", str(data), *TINY_RUN, "--epochs", "2", *OPTIONS,
+                         "--output", str(out), "--push-to-hub", "bob/birds", env=hub_env(hub, root))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return data, out, result, hub
+
+
+def test_help_groups_options_and_shows_defaults():
+    text = build_parser().format_help()
+    for group in ("data:", "model:", "optimisation:", "hardware (Lightning Trainer):", "output:"):
+        assert group in text
+    assert "(default: van_b0)" in text and "(default: auto)" in text
+
+
+def test_only_data_is_required():
+    args = build_parser().parse_args(["--data", "photos"])
+    assert (args.model, args.pretrained, args.epochs, args.img_size) == ("van_b0", "auto", 10, 224)
+
+
+def test_run_prints_class_table_metrics_and_export_folder(trained):
+    _, out, result = trained
+    assert "total" in result.stdout and "val_acc" in result.stdout
+    assert f"exported to {out}" in result.stdout
+
+
+def test_run_reports_skipped_bad_files_in_one_line(trained):
+    _, out, result = trained
+    assert f"skipped 1 bad files, listed in {out / 'bad_files.txt'}" in result.stderr
+
+
+def test_run_keeps_best_and_last_checkpoints_and_logs(trained):
+    _, out, _ = trained
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert (out / "logs" / "metrics.csv").is_file()
+
+
+def test_split_layout_run_exports_a_loadable_model(split_run):
+    _, out, _, _ = split_run
+    model = van_app.load_model(out)
+    assert model.labels == ["crow", "gull"]
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_split_layout_run_records_its_options(split_run):
+    _, out, _, _ = split_run
+    args = json.loads((out / "config.json").read_text())["training_args"]
+    assert (args["ema"], args["freeze_epochs"], args["layer_decay"], args["balance"]) == (True, 1, 0.75, True)
+
+
+def test_push_to_hub_uploads_the_export_in_one_commit(split_run):
+    _, out, result, hub = split_run
+    assert len(commits(hub)) == 1
+    files = committed_files(commits(hub)[0])
+    assert sorted(files) == sorted(EXPORT_FILES) and files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    assert "pushed to" in result.stdout
+
+
+def test_card_names_the_hub_repo_when_pushed(split_run):
+    _, out, _, _ = split_run
+    assert 'van_app.load_model("bob/birds")' in (out / "README.md").read_text()
+
+
+def make_two_classes(root, per_class=3):
+    return make_image_folders(root, classes=("a", "b"), per_class=per_class, size=16)
+
+
+def one_class(tmp_path):
+    return make_image_folders(tmp_path / "d", classes=("a",), per_class=3)
+
+
+def class_without_valid_images(tmp_path):
+    data = make_two_classes(tmp_path / "d")
+    for image in (data / "b").iterdir():
+        image.write_bytes(b"")
+    return data
+
+
+def class_too_small_to_split(tmp_path):
+    data = make_two_classes(tmp_path / "d")
+    for image in sorted((data / "b").iterdir())[1:]:
+        image.unlink()
+    return data
+
+
+def train_val_classes_differ(tmp_path):
+    make_image_folders(tmp_path / "d" / "train", classes=("a", "b"), per_class=2, size=16)
+    make_image_folders(tmp_path / "d" / "val", classes=("a", "c"), per_class=2, size=16)
+    return tmp_path / "d"
+
+
+def empty_folder(tmp_path):
+    (tmp_path / "d").mkdir()
+    return tmp_path / "d"
+
+
+@pytest.mark.parametrize("make_data, message", [
+    (lambda tmp: tmp / "missing", "data folder not found"),
+    (empty_folder, "no class folders"),
+    (one_class, "need at least 2 class folders"),
+    (class_without_valid_images, "has no valid images"),
+    (class_too_small_to_split, "at least 2 are needed to split"),
+    (train_val_classes_differ, "train and val have different classes"),
+])
+def test_bad_data_folder_is_one_clear_error(tmp_path, capsys, make_data, message):
+    data = make_data(tmp_path)
+    assert main(["--data", str(data), *TINY_RUN, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("error:")] == err[-1:] and message in err[-1]
+
+
+def test_unusable_pretrained_checkpoint_is_one_clear_error(tmp_path, capsys):
+    data = make_two_classes(tmp_path / "d")
+    (tmp_path / "weights.pth").write_bytes(b"not a checkpoint")
+    assert main(["--data", str(data), *TINY_RUN, "--pretrained", str(tmp_path / "weights.pth")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: {tmp_path / 'weights.pth'}")
+
+
+def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path, capsys):
+    data = make_two_classes(tmp_path / "d")
+    assert main(["--data", str(data), *TINY_RUN, "--output", str(tmp_path / "out"), "--resume"]) == 2
+    assert capsys.readouterr().err == f"error: --resume: no {tmp_path / 'out' / 'checkpoints' / 'last.ckpt'} to continue from\n"
+
+
+def test_earlier_run_in_output_needs_resume_or_overwrite(trained, tmp_path, capsys):
+    data, out, _ = trained
+    assert main(["--data", str(data), *TINY_RUN, "--output", str(out)]) == 2
+    assert "already holds a run: pass --resume" in capsys.readouterr().err
+
+
+def test_console_script_error_exits_2_without_traceback(tmp_path):
+    result = run_cli("van-finetune", "--data", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert result.stderr == f"error: data folder not found: {tmp_path / 'missing'}\n"
+
+
+def test_resume_continues_a_killed_run_to_its_planned_step(tmp_path):
+    data = make_image_folders(tmp_path / "d", classes=("a", "b"), per_class=8, size=32)
+    out = tmp_path / "out"
+    args = ["--data", str(data), *TINY_RUN, "--batch-size", "2", "--epochs", "2", "--save-every-steps", "2",
+            "--output", str(out)]
+    last = out / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(["van-finetune", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not last.exists() and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed = torch.load(last, map_location="cpu", weights_only=True)
+    assert killed["epoch"] == 0 and killed["global_step"] < 6  # 12 training images in batches of 2: 6 per epoch
+    assert main([*args, "--resume"]) == 0
+    final = torch.load(last, map_location="cpu", weights_only=True)
+    assert final["global_step"] == 12 and final["lr_schedulers"][0]["last_epoch"] == 12
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_ddp_with_two_cpu_processes_trains_and_exports(tmp_path):
+    data = make_image_folders(tmp_path / "d", classes=("a", "b"), per_class=8, size=32)
+    out = tmp_path / "out"
+    result = run_cli("van-finetune", "--data", str(data), *TINY_RUN, "--accelerator", "cpu", "--devices", "2",
+                     "--strategy", "ddp", "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distributed_backend=gloo" in result.stderr + result.stdout
+    assert "All distributed processes registered. Starting with 2 processes" in result.stderr + result.stdout
+    assert van_app.load_model(out).labels == ["a", "b"]
+
+
+def test_pretrained_auto_without_official_weights_warns_and_starts_random():
+    base = create_classifier("van_micro", "auto", 3)
+    assert "training from random initialisation" in base.note and base.base_model is None
+    assert base.model.num_classes == 3
+
+
+def test_pretrained_export_gives_its_weights_and_a_new_head(trained):
+    _, out, _ = trained
+    base = create_classifier("van_b0", str(out), 2)
+    source = van_app.load_model(out).state_dict()
+    state = base.model.state_dict()
+    assert base.model.variant == "van_micro" and base.model.num_classes == 2
+    assert all(torch.equal(state[k], v) for k, v in source.items() if not k.startswith("head."))
+
+
+def test_drop_path_reaches_the_blocks():
+    model = create_classifier("van_micro", "none", 2, drop_path_rate=0.2).model
+    assert model.stages[3].blocks[0].drop_path.drop_prob == pytest.approx(0.2)
+
+
+def test_weight_decay_only_on_matrices_and_kernels():
+    model = build_model(VARIANTS["van_micro"], 3)
+    groups = parameter_groups(model, 1e-3, 0.05)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, param in model.named_parameters():
+        assert (id(param) in decayed) == (param.ndim >= 2 and "layer_scale" not in name), name
+
+
+def test_layer_decay_gives_early_layers_smaller_learning_rates():
+    model = build_model(VARIANTS["van_micro"], 3)
+    lr_of = {id(p): g["lr"] for g in parameter_groups(model, 1e-3, 0.05, layer_decay=0.5) for p in g["params"]}
+    assert lr_of[id(model.head.weight)] == pytest.approx(1e-3)
+    assert lr_of[id(model.stages[0].patch_embed.proj.weight)] < lr_of[id(model.stages[3].blocks[0].mlp.fc1.weight)]
+
+
+def test_schedule_warms_up_then_decays_to_its_floor():
+    factor = cosine_with_warmup(warmup_steps=4, total_steps=20, min_ratio=0.01)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(4) == pytest.approx(1.0) and factor(12) < factor(8) and factor(20) == pytest.approx(0.01)
+
+
+def test_freeze_drops_backbone_gradients_and_keeps_the_heads():
+    module = SimpleNamespace(model=build_model(VARIANTS["van_micro"], 3))
+    module.model(torch.randn(2, 3, 32, 32)).sum().backward()
+    FreezeBackbone(1).on_before_optimizer_step(SimpleNamespace(current_epoch=0), module, None)
+    assert all(p.grad is None for p in module.model.stages.parameters())
+    assert module.model.head.weight.grad is not None
+
+
+def test_freeze_ends_after_its_epochs():
+    module = SimpleNamespace(model=build_model(VARIANTS["van_micro"], 3))
+    module.model(torch.randn(2, 3, 32, 32)).sum().backward()
+    FreezeBackbone(1).on_before_optimizer_step(SimpleNamespace(current_epoch=1), module, None)
+    assert all(p.grad is not None for p in module.model.stages.parameters())
