@@ -35,6 +35,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 
 import matplotlib
 import numpy as np
@@ -314,16 +315,22 @@ def render(heatmap: Heatmap, geometry: Geometry, size: tuple[int, int] | None = 
 
 def colorize(values: np.ndarray, colormap: str = "turbo") -> Image.Image:
     """An RGB image of ``values`` in [0, 1] through a matplotlib colormap."""
-    lut = (matplotlib.colormaps[colormap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
-    indices = np.clip(np.rint(values * 255), 0, 255).astype(np.uint8)
-    return Image.fromarray(lut[indices], "RGB")
+    indexed = Image.fromarray(np.clip(np.rint(values * 255), 0, 255).astype(np.uint8), "L").convert("P")
+    indexed.putpalette(_palette(colormap))
+    return indexed.convert("RGB")
+
+
+@lru_cache(maxsize=32)
+def _palette(colormap: str) -> bytes:
+    """256 RGB entries of a matplotlib colormap, as a PIL palette."""
+    return (matplotlib.colormaps[colormap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8).tobytes()
 
 
 def overlay(image: Image.Image, heatmap: Heatmap, geometry: Geometry, colormap: str = "turbo",
             opacity: float = 0.5, max_side: int | None = None) -> Image.Image:
     """``image`` (RGB, at most ``max_side``) with ``heatmap`` blended in where the model saw it; constant: uncoloured."""
     size = display_size(image.size, max_side)
-    base = to_rgb(image)
+    base = image if image.mode == "RGB" else to_rgb(image)
     base = base.resize(size, Image.BILINEAR) if base.size != size else base.copy()
     if heatmap.constant or opacity <= 0:
         return base
