@@ -228,11 +228,15 @@ def compile_for_inference(
     is returned. Attributes (``labels``, ``pretrained_cfg``, ...) read through to
     ``fused``; hook-based tools such as ``capture_attention`` belong on ``fused``.
     """
+    from torch._inductor import config as inductor_config  # seconds to import: only when compiling
+
     param = next(fused.parameters())
     example = torch.randn(*input_size, device=param.device, dtype=param.dtype)
     try:
-        compiled = torch.compile(fused, dynamic=False, options={"freezing": True, "max_autotune": max_autotune})
-        with torch.inference_mode():
+        compiled = torch.compile(fused, dynamic=False)
+        # Inductor reads these while compiling, i.e. during this first call; torch.compile's
+        # ``options={"freezing": True}`` is not honoured (torch 2.14), so patch them meanwhile.
+        with torch.inference_mode(), inductor_config.patch(freezing=True, max_autotune=max_autotune):
             expected = fused(example)
             got = compiled(example)
         error = (got.float() - expected.float()).abs().max().item()
