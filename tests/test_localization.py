@@ -13,6 +13,7 @@ from van_app.localization import (
     mass_in_mask,
     paired_comparison,
     pointing_game,
+    rank_correlation,
     removal_order,
 )
 
@@ -128,3 +129,17 @@ def test_paired_comparison_of_identical_scores_is_all_ties():
     result = paired_comparison(scores, scores.copy())
     assert (result.ties, result.wins, result.losses) == (50, 0, 0)
     assert result.p_value == 1.0
+
+
+def test_rank_correlation_ignores_monotone_rescaling():
+    a = np.arange(16.0).reshape(4, 4)
+    assert rank_correlation(a, np.exp(a)) == pytest.approx(1.0)
+    assert rank_correlation(a, -a) == pytest.approx(-1.0)
+
+
+def test_rank_correlation_averages_ties():
+    assert rank_correlation(np.array([1.0, 1.0, 2.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(np.sqrt(3) / 2)
+
+
+def test_rank_correlation_of_a_constant_map_is_nan():
+    assert np.isnan(rank_correlation(np.ones(4), np.arange(4.0)))

@@ -16,7 +16,8 @@ the mask's size first). Higher map values mean "more important".
   The baseline is the image blurred with a wide Gaussian (sigma = ``BLUR_FRACTION``
   of the image side): it keeps the colours and low frequencies, removes shape,
   and is closer to natural images than black or mean-grey pixels.
-- ``bootstrap_ci`` and ``paired_comparison`` summarise per-image scores.
+- ``bootstrap_ci`` and ``paired_comparison`` summarise per-image scores; ``rank_correlation``
+  (Spearman) compares two maps, e.g. before and after randomising the model.
 """
 
 from __future__ import annotations
@@ -144,6 +145,23 @@ def deletion_insertion(
     with torch.no_grad():
         p = probs(torch.cat([deleted, inserted]))[:, target].float().cpu().numpy()
     return Curves(counts / (h * w), p[: steps + 1], p[steps + 1 :])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks from 0, tied values sharing their average rank."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - counts + (counts - 1) / 2)[inverse]
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation of two maps' pixel values (ties averaged); NaN when either map is constant."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"maps of {a.size} and {b.size} values cannot be correlated")
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = np.sqrt((ra**2).sum() * (rb**2).sum())
+    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
 
 
 @dataclass(frozen=True)
