@@ -7,7 +7,8 @@ combination -- plus two extra LKA variants per stage (mean |attn|, sign-flipped
 map), Grad-CAM (``grad-cam`` package, unfused model, last stage-4 block, true
 class), a centre Gaussian, a uniform and a random map are scored with
 ``van_app.localization``: tie-aware pointing game, mass in mask and its lift,
-RISE deletion / insertion AUC (blurred-image baseline). All maps are scored as
+RISE deletion / insertion AUC (blurred-image baseline; for the app's maps, the
+selected variant and the baselines). All maps are scored as
 the app draws them: ``explain.render`` puts them on the original image through
 the model's eval transform (outside the centre crop they are 0).
 
@@ -204,8 +205,8 @@ def probability_fn(model: torch.nn.Module, geometry: Geometry) -> Callable[[torc
 
 
 def score(model: torch.nn.Module, data: list[Sample], maps: dict[str, list[np.ndarray]], cfg: Config,
-          faithfulness: bool) -> dict[str, Scores]:
-    """Every metric of every method; deletion / insertion on the first ``cfg.di_n`` images when asked."""
+          faithfulness: frozenset[str] = frozenset()) -> dict[str, Scores]:
+    """Every localisation metric of every method; deletion / insertion for ``faithfulness`` on ``cfg.di_n`` images."""
     results = {name: Scores() for name in maps}
     geometry = input_geometry(model, (data[0].mask.shape[1], data[0].mask.shape[0]))
     probs = probability_fn(model, geometry)
@@ -216,7 +217,7 @@ def score(model: torch.nn.Module, data: list[Sample], maps: dict[str, list[np.nd
             r.pointing.append(pointing_game(m, sample.mask))
             r.mass.append(mass_in_mask(m, sample.mask))
             r.lift.append(r.mass[-1] / area_share(sample.mask))
-            if faithfulness and i < cfg.di_n:
+            if name in faithfulness and i < cfg.di_n:
                 curves = deletion_insertion(probs, image, m, label_of(model, sample), cfg.steps, seed=cfg.seed + i)
                 r.deletion.append(curves.deletion_auc)
                 r.insertion.append(curves.insertion_auc)
@@ -370,7 +371,7 @@ def main() -> None:
 
     val = samples(cfg.val_seed, cfg.val_n, size)
     val_maps = lka_maps(model, val, cfg.batch)
-    val_results = score(model, val, val_maps, cfg, faithfulness=False)
+    val_results = score(model, val, val_maps, cfg)
     write_csv(cfg.out / "validation.csv", val, val_results, cfg.val_seed)
     criterion = {name: (np.mean(r.pointing) + np.mean(r.mass)) / 2 for name, r in val_results.items()}
     selected = max(criterion, key=criterion.get)
@@ -382,7 +383,7 @@ def main() -> None:
     test = samples(cfg.test_seed, cfg.n, size)
     test_maps = {**lka_maps(model, test, cfg.batch), "Grad-CAM": gradcam_maps(model, test, cfg.batch),
                  **baseline_maps(test, cfg.seed)}
-    results = score(model, test, test_maps, cfg, faithfulness=True)
+    results = score(model, test, test_maps, cfg, frozenset(APP_KINDS + BASELINES + (selected,)))
     write_csv(cfg.out / "heatmaps.csv", test, results, cfg.test_seed)
     table = summarise(results, cfg)
     summary["test"] = table
