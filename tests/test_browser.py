@@ -12,7 +12,7 @@ pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-EXAMPLE = ROOT / "examples" / "circle_left.jpg"
+EXAMPLE = ROOT / "examples" / "circle.png"
 
 
 @pytest.fixture(scope="module")
