@@ -233,10 +233,11 @@ def _find_lr(trainer: Any, module: Any, dm: Any) -> None:
 
     if trainer.world_size > 1:
         raise UsageError("--lr auto runs on one device; pick a number for multi-device runs")
-    finder = Tuner(trainer).lr_find(module, datamodule=dm, attr_name="lr", num_training=min(100, 10 * len(dm.classes)))
+    finder = Tuner(trainer).lr_find(module, datamodule=dm, attr_name="lr", num_training=100)
     if finder is None or finder.suggestion() is None:
         logging.getLogger("van_app").warning("the learning-rate finder found no suggestion; using %g", module.lr)
-    print(f"learning rate (finder): {module.lr:.3g}")
+    else:
+        print(f"learning rate (finder): {module.lr:.3g}")
 
 
 def _export_and_report(args: argparse.Namespace, argv: list[str], out: Path, module: Any, dm: Any, best_path: str,

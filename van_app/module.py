@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -211,10 +211,6 @@ class VanClassifier(L.LightningModule):
         self.images_seen = state.get("images_seen", 0)
         self._seconds_before = state.get("wall_time_s", 0.0)
         self.val_report = state.get("val_report", {})
-
-    def train_config(self) -> dict[str, Any]:
-        """The optimisation recipe as a plain dict (the learning rate as finally used)."""
-        return dict(asdict(self.config), lr=self.lr)
 
 
 def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
