@@ -161,3 +161,11 @@ def test_native_bf16_follows_the_cpu_capabilities(monkeypatch):
     assert native_bf16("cpu")
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
     assert not native_bf16("cpu")
+
+
+def test_compiler_gets_a_private_copy_of_the_fused_model(fused, monkeypatch):
+    received = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: received.append(model) or model)
+    served = compile_for_inference(fused, (1, 3, 32, 32))
+    assert served is received[0] and served is not fused
+    assert served.labels == fused.labels

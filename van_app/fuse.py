@@ -11,11 +11,14 @@ the same function with fewer operations. Per block, with BatchNorm ``bn(x) = s*x
   (one ``addcmul``);
 - ``layer_scale_2`` folds into ``mlp.fc2``; each patch embedding's BatchNorm folds into its conv.
 
-The stage LayerNorms stay (they normalize per pixel, so nothing linear absorbs them;
-the last one's affine could move into the head, but that would change
-``forward_features`` for a gain below measurement noise). Module paths of LKA
-(``stages[i].blocks[j].attn.lka.conv1``) and the model's attributes (``labels``,
-``pretrained_cfg``, ...) are kept, so ``capture_attention`` and ``predict`` work on it.
+Two layout changes keep the function and save most of the remaining time on CPU:
+LKA's dilated convolution gets its zero padding beforehand (``FusedLKA``), and the
+weights are stored channels-last so activations stay NHWC, where oneDNN's depth-wise
+kernels are fastest. The stage LayerNorms stay (they normalize per pixel; the last
+one's affine could move into the head, but that would change ``forward_features`` for
+a gain below measurement noise). Module paths of LKA (``stages[i].blocks[j].attn.lka.conv1``)
+and the model's attributes (``labels``, ``pretrained_cfg``, ...) are kept, so
+``capture_attention`` and ``predict`` work on the fused model.
 
 ``fuse`` stays cheap and eager. ``compile_for_inference`` is the explicit start-up step
 that compiles a fused model with inductor weight freezing and warms it up, falling back
@@ -45,8 +48,8 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
 class FusedLKA(nn.Module):
     """LKA computing the same function with the dilated convolution's zero padding done beforehand.
 
-    oneDNN's fast depth-wise kernels reject a padding as wide as this one (9), and
-    PyTorch then falls back to a reference kernel 5-20x slower; padding first avoids it.
+    With its padding of 9 (wider than oneDNN's optimized depth-wise kernels take) the
+    convolution ran 5-20x slower on an AVX-512 CPU than on the input padded first.
     """
 
     def __init__(self, lka: LKA) -> None:
@@ -222,18 +225,21 @@ def compile_for_inference(
 
     Call it once at start-up: the first call compiles (tens of seconds on a small
     CPU); later calls with the same input shape (NCHW, as ``preprocess`` makes it)
-    under ``torch.inference_mode`` run the compiled code, other shapes recompile.
+    under ``torch.inference_mode`` run the compiled code; other shapes recompile
+    on first use, without freezing, so warm up every shape you will serve.
     Freezing bakes the weights in as constants, so do not change them afterwards.
     The compiled outputs are checked against the eager model (``atol``) before it
-    is returned. Attributes (``labels``, ``pretrained_cfg``, ...) read through to
-    ``fused``; hook-based tools such as ``capture_attention`` belong on ``fused``.
+    is returned. The compiled model wraps a copy of ``fused`` whose attributes
+    (``labels``, ``pretrained_cfg``, ...) read through, so ``predict`` works on it;
+    hook-based tools such as ``capture_attention`` belong on the eager ``fused``.
     """
     from torch._inductor import config as inductor_config  # seconds to import: only when compiling
 
     param = next(fused.parameters())
     example = torch.randn(*input_size, device=param.device, dtype=param.dtype)
     try:
-        compiled = torch.compile(fused, dynamic=False)
+        # A private copy: hooks that capture_attention puts on ``fused`` never reach compiled code.
+        compiled = torch.compile(copy.deepcopy(fused), dynamic=False)
         # Inductor reads these while compiling, i.e. during this first call; torch.compile's
         # ``options={"freezing": True}`` is not honoured (torch 2.14), so patch them meanwhile.
         with torch.inference_mode(), inductor_config.patch(freezing=True, max_autotune=max_autotune):
