@@ -297,8 +297,16 @@ def render(heatmap: Heatmap, geometry: Geometry, size: tuple[int, int] | None = 
     """
     out_w, out_h = size or geometry.image_size
     values = np.zeros((out_h, out_w), np.float32)
+    patch, (left, top, right, bottom) = _render_crop(heatmap, geometry, (out_w, out_h))
+    values[top:bottom, left:right] = patch
+    return values, (left, top, right, bottom)
+
+
+def _render_crop(heatmap: Heatmap, geometry: Geometry, size: tuple[int, int]
+                 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The display map inside the crop box only, at output ``size``, and that box."""
     bounds = []
-    for axis, out in enumerate((out_w, out_h)):
+    for axis, out in enumerate(size):
         # output pixel i has its centre at original coordinate (i + 0.5) * per_pixel.
         per_pixel = geometry.image_size[axis] / out
         scale, offset, limit = geometry.scale[axis], geometry.offset[axis], geometry.input_size[axis]
@@ -307,10 +315,10 @@ def render(heatmap: Heatmap, geometry: Geometry, size: tuple[int, int] | None = 
         start_input = scale * (first + 0.5) * per_pixel - offset
         bounds.append((first, stop, (start_input - 0.5) / heatmap.stride, scale * per_pixel / heatmap.stride))
     (left, right, x0, dx), (top, bottom, y0, dy) = bounds
-    if not heatmap.constant:
-        patch = _sample(heatmap.display, right - left, bottom - top, x0, y0, dx, dy)
-        values[top:bottom, left:right] = np.clip(patch, 0.0, 1.0)
-    return values, (left, top, right, bottom)
+    if heatmap.constant:
+        return np.zeros((bottom - top, right - left), np.float32), (left, top, right, bottom)
+    patch = _sample(heatmap.display, right - left, bottom - top, x0, y0, dx, dy)
+    return np.clip(patch, 0.0, 1.0), (left, top, right, bottom)
 
 
 def colorize(values: np.ndarray, colormap: str = "turbo") -> Image.Image:
@@ -334,11 +342,10 @@ def overlay(image: Image.Image, heatmap: Heatmap, geometry: Geometry, colormap: 
     base = base.resize(size, Image.BILINEAR) if base.size != size else base.copy()
     if heatmap.constant or opacity <= 0:
         return base
-    values, box = render(heatmap, geometry, size)
-    left, top, right, bottom = box
-    if right <= left or bottom <= top:
+    patch, box = _render_crop(heatmap, geometry, size)
+    if patch.size == 0:
         return base
     region = base.crop(box)
-    colours = colorize(values[top:bottom, left:right], colormap)
+    colours = colorize(patch, colormap)
     base.paste(Image.blend(region, colours, min(1.0, float(opacity))), box)
     return base
