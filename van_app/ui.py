@@ -304,7 +304,7 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
             with gr.Column(scale=1):
                 image = readable_upload_errors(gr.Image(type="filepath", image_mode=None,
                                                         sources=["upload", "clipboard", "webcam"],
-                                                        label="Image (upload, paste or webcam)"))
+                                                        height=280, label="Image (upload, paste or webcam)"))
                 button = gr.Button("Classify and explain", variant="primary")
                 examples = example_images(root / "examples")
                 if examples:
