@@ -9,7 +9,7 @@ import socket
 import pytest
 from huggingface_hub import HfApi
 
-from conftest import TINY_RUN, TOKEN, commits, committed_files, hub_env, make_image_folders, run_cli
+from conftest import TINY_RUN, TOKEN, commits, committed_files, make_image_folders
 from van_app.cli import main, push_main
 from van_app.export import EXPORT_FILES
 from van_app.hub import HubError, push_export
@@ -20,16 +20,18 @@ def local_api(server, token: str = TOKEN) -> HfApi:
     return HfApi(endpoint=f"http://127.0.0.1:{server.server_port}", token=token)
 
 
-def test_van_push_creates_the_repo_then_commits_once(trained, hub, tmp_path):
+def test_van_push_creates_the_repo_then_commits_once(trained, hub, monkeypatch, capsys):
     _, out, _ = trained
-    result = run_cli("van-push", str(out), "alice/pets", "--private", env=hub_env(hub, tmp_path))
-    assert result.returncode == 0, result.stderr
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{hub.server_port}")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert push_main([str(out), "alice/pets", "--private"]) == 0
+    result = capsys.readouterr()
     calls = [r for r in hub.requests if r["path"] in ("/api/repos/create", "/api/models/alice/pets/commit/main")]
     assert [r["path"] for r in calls] == ["/api/repos/create", "/api/models/alice/pets/commit/main"]
     assert json.loads(calls[0]["body"]) == {"name": "pets", "organization": "alice", "visibility": "private",
                                             "type": "model"}
     assert {r["auth"] for r in calls} == {f"Bearer {TOKEN}"}
-    assert "alice/pets" in result.stdout and TOKEN not in result.stdout + result.stderr
+    assert "alice/pets" in result.out and TOKEN not in result.out + result.err
 
 
 def test_commit_holds_every_export_file_unchanged(trained, hub):
