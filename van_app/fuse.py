@@ -229,17 +229,19 @@ def compile_for_inference(
     on first use, without freezing, so warm up every shape you will serve.
     Freezing bakes the weights in as constants, so do not change them afterwards.
     The compiled outputs are checked against the eager model (``atol``) before it
-    is returned. The compiled model wraps a copy of ``fused`` whose attributes
-    (``labels``, ``pretrained_cfg``, ...) read through, so ``predict`` works on it;
-    hook-based tools such as ``capture_attention`` belong on the eager ``fused``.
+    is returned. The compiled model is a copy of ``fused`` (same class and attributes,
+    so ``predict`` works on it); hook-based tools such as ``capture_attention``
+    belong on the eager ``fused``.
     """
     from torch._inductor import config as inductor_config  # seconds to import: only when compiling
 
     param = next(fused.parameters())
     example = torch.randn(*input_size, device=param.device, dtype=param.dtype)
     try:
-        # A private copy: hooks that capture_attention puts on ``fused`` never reach compiled code.
-        compiled = torch.compile(copy.deepcopy(fused), dynamic=False)
+        # A private copy, so hooks that capture_attention puts on ``fused`` never reach compiled
+        # code; compiled in place, so it stays a VAN (timm's data config and ``predict`` need that).
+        compiled = copy.deepcopy(fused)
+        compiled.compile(dynamic=False)
         # Inductor reads these while compiling, i.e. during this first call; torch.compile's
         # ``options={"freezing": True}`` is not honoured (torch 2.14), so patch them meanwhile.
         with torch.inference_mode(), inductor_config.patch(freezing=True, max_autotune=max_autotune):
