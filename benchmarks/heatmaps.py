@@ -340,13 +340,15 @@ def plot(path: Path, table: dict[str, dict[str, list[float]]], sanity: list[tupl
 def parse_args() -> Config:
     """The benchmark's command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="checkpoints/van-b0-shapes", help="van_app export folder (or any load_model source)")
+    p.add_argument("--model", default="checkpoints/van-b0-shapes",
+                   help="van_app export folder (or any load_model source)")
     p.add_argument("--out", type=Path, default=Path("runs/heatmaps"), help="folder for the CSVs, JSON and plot")
     for name, default, text in (("test-seed", 3, "van-synth seed of the test images"),
                                 ("val-seed", 2, "van-synth seed of the images that pick the LKA variant"),
                                 ("acc-seed", 1, "van-synth seed of the accuracy images"),
                                 ("n", 600, "test images"), ("val-n", 150, "validation images"),
-                                ("acc-n", 3000, "accuracy images"), ("di-n", 150, "test images with deletion/insertion"),
+                                ("acc-n", 3000, "accuracy images"),
+                                ("di-n", 150, "test images with deletion/insertion"),
                                 ("steps", 8, "deletion/insertion steps"), ("sanity-n", 48, "sanity-check images"),
                                 ("boot", 2000, "bootstrap resamples"), ("batch", 64, "batch size"),
                                 ("seed", 0, "seed of tie-breaking, random maps, re-initialisation, bootstrap")):
@@ -397,7 +399,8 @@ def main() -> None:
     for row in paired:
         if row["method"] in (selected, "combined", "class combined"):
             print(f"{row['method']:<18}{row['metric']:<11}{row['better_by']:+.3f} [{row['low']:+.3f}, "
-                  f"{row['high']:+.3f}]  p={row['p']:.4f}  wins/losses/ties {row['wins']}/{row['losses']}/{row['ties']}")
+                  f"{row['high']:+.3f}]  p={row['p']:.4f}  "
+                  f"wins/losses/ties {row['wins']}/{row['losses']}/{row['ties']}")
 
     kinds = list(dict.fromkeys([selected, "combined", "class combined", "stage 4", "class stage 4", "Grad-CAM"]))
     sanity = sanity_check(model, test[: cfg.sanity_n], kinds, cfg)
