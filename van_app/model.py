@@ -134,11 +134,12 @@ class Stage(nn.Module):
         first: bool,
         drop: float = 0.0,
         drop_paths: list[float] | None = None,
+        layer_scale_init: float = 1e-2,
     ) -> None:
         super().__init__()
         drop_paths = drop_paths or [0.0] * depth
         self.patch_embed = OverlapPatchEmbed(in_chans, dim, 7 if first else 3, 4 if first else 2)
-        self.blocks = nn.Sequential(*[Block(dim, mlp_ratio, drop, dp) for dp in drop_paths])
+        self.blocks = nn.Sequential(*[Block(dim, mlp_ratio, drop, dp, layer_scale_init) for dp in drop_paths])
         self.norm = LayerNorm2d(dim, eps=1e-6)
         self.grad_checkpointing = False
 
@@ -164,6 +165,7 @@ class VAN(nn.Module):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        layer_scale_init: float = 1e-2,
         global_pool: str = "avg",
     ) -> None:
         super().__init__()
@@ -180,7 +182,7 @@ class VAN(nn.Module):
         self.feature_info = []
         for i, (dim, depth, ratio) in enumerate(zip(embed_dims, depths, mlp_ratios)):
             start = sum(depths[:i])
-            stages.append(Stage(prev, dim, depth, ratio, i == 0, drop_rate, dpr[start : start + depth]))
+            stages.append(Stage(prev, dim, depth, ratio, i == 0, drop_rate, dpr[start : start + depth], layer_scale_init))
             stride *= 4 if i == 0 else 2
             self.feature_info.append(dict(num_chs=dim, reduction=stride, module=f"stages.{i}"))
             prev = dim
