@@ -13,11 +13,13 @@ import urllib.request
 from pathlib import Path
 
 import gradio as gr
+import huggingface_hub
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image, ImageDraw
 
-from van_app.ui import MAX_PIXELS, ModelKey, default_key, example_images, launch_options, read_image
+from van_app.ui import (MAX_PIXELS, ModelKey, ModelStore, default_key, example_images, launch_options,
+                       load_for_page, read_image)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,3 +190,16 @@ def test_launch_options_default_to_all_interfaces_on_7860(monkeypatch):
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
     options = launch_options()
     assert (options["server_name"], options["server_port"]) == ("0.0.0.0", 7860) and options["max_file_size"]
+
+
+def test_official_weights_offline_and_uncached_are_a_readable_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(gr.Error, match="van_b0.*offline"):
+        load_for_page(ModelStore(), ModelKey("van_b0", pretrained=True))
+
+
+def test_typed_folder_that_is_not_a_model_is_a_readable_error(tmp_path):
+    with pytest.raises(gr.Error, match="no config.json"):
+        load_for_page(ModelStore(), ModelKey(str(tmp_path)))

@@ -508,3 +508,13 @@ def test_train_transform_crops_flips_and_rand_augments(tmp_path):
 def test_train_transform_without_auto_augment_has_no_rand_augment(tmp_path):
     dm = datamodule(make_classes(tmp_path, {"a": 2, "b": 2}), auto_augment=None)
     assert "RandAugment" not in [type(t).__name__ for t in dm.train_transform().transforms]
+
+
+def test_train_crop_scale_sets_the_random_resized_crop_range(tmp_path):
+    dm = datamodule(make_classes(tmp_path, {"a": 2, "b": 2}), img_size=24, crop_scale=(0.6, 1.0))
+    assert dm.train_transform().transforms[0].scale == (0.6, 1.0)
+
+
+def test_crop_scale_outside_zero_to_one_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="crop_scale"):
+        datamodule(make_classes(tmp_path, {"a": 2, "b": 2}), crop_scale=(0.0, 1.0))

@@ -20,7 +20,8 @@ from van_app.module import FreezeBackbone, cosine_with_warmup, create_classifier
 from van_app.weights import build_model
 
 OPTIONS = ["--ema", "--ema-decay", "0.9", "--freeze-epochs", "1", "--mixup", "0.2", "--cutmix", "0.2",
-           "--layer-decay", "0.75", "--balance", "--label-smoothing", "0.05", "--patience", "3"]
+           "--layer-decay", "0.75", "--balance", "--label-smoothing", "0.05", "--patience", "3",
+           "--crop-scale", "0.5", "--crop-pct", "0.95", "--layer-scale-init", "0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,12 @@ def test_split_layout_run_records_its_options(split_run):
     _, out, _, _ = split_run
     args = json.loads((out / "config.json").read_text())["training_args"]
     assert (args["ema"], args["freeze_epochs"], args["layer_decay"], args["balance"]) == (True, 1, 0.75, True)
+
+
+def test_crop_pct_option_becomes_the_exported_preprocessing(split_run):
+    _, out, _, _ = split_run
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["crop_pct"] == 0.95
+    assert van_app.load_model(out).pretrained_cfg["crop_pct"] == 0.95
 
 
 def test_push_to_hub_uploads_the_export_in_one_commit(split_run):
@@ -214,6 +221,11 @@ def test_pretrained_export_gives_its_weights_and_a_new_head(trained):
 def test_drop_path_reaches_the_blocks():
     model = create_classifier("van_micro", "none", 2, drop_path_rate=0.2).model
     assert model.stages[3].blocks[0].drop_path.drop_prob == pytest.approx(0.2)
+
+
+def test_layer_scale_init_reaches_the_blocks_of_a_random_model():
+    model = create_classifier("van_micro", "none", 2, layer_scale_init=0.1).model
+    assert torch.allclose(model.stages[0].blocks[0].layer_scale_1, torch.full((8,), 0.1))
 
 
 def test_weight_decay_only_on_matrices_and_kernels():

@@ -176,6 +176,7 @@ class VanDataModule(lightning.LightningDataModule):
         interpolation: str = "bicubic",
         crop_pct: float = 0.9,
         auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        crop_scale: tuple[float, float] = (0.08, 1.0),
         scan_workers: int | None = None,
         progress: bool = True,
         bad_files_path: str | Path | None = None,
@@ -187,12 +188,15 @@ class VanDataModule(lightning.LightningDataModule):
             raise DataError(f"val_split must be between 0 and 1, got {val_split}")
         if not 0.0 < crop_pct <= 1.0:
             raise DataError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+            raise DataError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.img_size, self.batch_size, self.seed, self.balance = img_size, batch_size, seed, balance
         self.workers = default_workers() if workers is None else max(0, workers)
         self.val_split = val_split
         self.mean, self.std = tuple(mean), tuple(std)
         self.interpolation, self.crop_pct, self.auto_augment = interpolation, crop_pct, auto_augment
+        self.crop_scale = tuple(crop_scale)
 
         self.layout, folders = self._find_layout()
         self.classes: list[str] = list(folders["train"])
@@ -363,6 +367,7 @@ class VanDataModule(lightning.LightningDataModule):
         return create_transform(
             self.img_size,
             is_training=True,
+            scale=self.crop_scale,
             auto_augment=self.auto_augment,
             interpolation=self.interpolation,
             mean=self.mean,

@@ -60,7 +60,8 @@ class BaseModel:
     note: str | None  # a warning for the user, e.g. pretrained weights that could not be had
 
 
-def create_classifier(variant: str, pretrained: str, num_classes: int, drop_path_rate: float = 0.0) -> BaseModel:
+def create_classifier(variant: str, pretrained: str, num_classes: int, drop_path_rate: float = 0.0,
+                      layer_scale_init: float = 1e-2) -> BaseModel:
     """A VAN with a new head for ``num_classes``, started from ``pretrained``: auto, none, a path or a Hub repo id."""
     base_model, note = None, None
     if pretrained == "none":
@@ -76,7 +77,7 @@ def create_classifier(variant: str, pretrained: str, num_classes: int, drop_path
         start = load_model(pretrained, num_classes=num_classes)
         base_model = pretrained.removeprefix("hf-hub:") if not _is_local(pretrained) else None
     spec = VARIANTS[variant] if start is None else infer_spec(start.state_dict())[0]
-    model = build_model(spec, num_classes, drop_path_rate=drop_path_rate)
+    model = build_model(spec, num_classes, drop_path_rate=drop_path_rate, layer_scale_init=layer_scale_init)
     if start is not None:
         model.load_state_dict(start.state_dict())
         model.pretrained_cfg = dict(model.pretrained_cfg, **{k: start.pretrained_cfg[k] for k in

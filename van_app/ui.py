@@ -190,6 +190,14 @@ def slider_value(result: Result, style: Style) -> tuple[PIL.Image.Image, PIL.Ima
     return result.image, overlay(result.image, chosen, result.analysis.geometry, style.colormap, style.opacity)
 
 
+def load_for_page(store: ModelStore, key: ModelKey) -> LoadedModel:
+    """The model the picker asked for, or a ``gr.Error`` saying why it cannot be had (offline, bad folder, ...)."""
+    try:
+        return store.get(key)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise gr.Error(f"Could not load {key.source}: {e}") from e
+
+
 def run_prediction(store: ModelStore, path: str | None, key: ModelKey, k: int = 5) -> Result:
     """Read the upload and analyse it with the fused model (prediction and attention maps in one pass)."""
     image = read_image(path)
@@ -255,10 +263,7 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
 
     def load(key: ModelKey, progress: gr.Progress) -> tuple:
         progress(0, desc=f"Loading {key.source}")
-        try:
-            loaded = store.get(key)
-        except (CheckpointError, OSError, ValueError) as e:
-            raise gr.Error(f"Could not load {key.source}: {e}") from e
+        loaded = load_for_page(store, key)
         return key, loaded.describe(), gr.update(choices=loaded.model.labels, value=None)
 
     def predict(path: str | None, key: ModelKey, style: Style) -> tuple:
