@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -13,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from van_app import CheckpointError, load_model
-from van_app.weights import checkpoint_filter_fn, imagenet_labels
+from van_app.weights import checkpoint_filter_fn, imagenet_labels, rename_keys
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL = FIXTURES / "official_tiny.pth.tar"
@@ -32,12 +31,7 @@ _TO_OFFICIAL = [
 
 def to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A van_app state dict renamed to VAN-Classification's keys."""
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, replacement in _TO_OFFICIAL:
-            key = re.sub(pattern, replacement, key)
-        out[key] = value
-    return out
+    return rename_keys(state_dict, _TO_OFFICIAL)
 
 
 @pytest.fixture(scope="module")

@@ -115,6 +115,11 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VAN | None = None) -
         rules = _OFFICIAL_RULES
     else:
         rules = []
+    return rename_keys(state_dict, rules)
+
+
+def rename_keys(state_dict: dict[str, Any], rules: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``state_dict`` with each key rewritten by the ordered ``(pattern, replacement)`` rules."""
     out = {}
     for key, value in state_dict.items():
         for pattern, replacement in rules:
