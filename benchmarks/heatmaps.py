@@ -31,7 +31,7 @@ import csv
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import matplotlib
@@ -343,19 +343,15 @@ def parse_args() -> Config:
     p.add_argument("--model", default="checkpoints/van-b0-shapes",
                    help="van_app export folder (or any load_model source)")
     p.add_argument("--out", type=Path, default=Path("runs/heatmaps"), help="folder for the CSVs, JSON and plot")
-    for name, default, text in (("test-seed", 3, "van-synth seed of the test images"),
-                                ("val-seed", 2, "van-synth seed of the images that pick the LKA variant"),
-                                ("acc-seed", 1, "van-synth seed of the accuracy images"),
-                                ("n", 600, "test images"), ("val-n", 150, "validation images"),
-                                ("acc-n", 3000, "accuracy images"),
-                                ("di-n", 150, "test images with deletion/insertion"),
-                                ("steps", 8, "deletion/insertion steps"), ("sanity-n", 48, "sanity-check images"),
-                                ("boot", 2000, "bootstrap resamples"), ("batch", 64, "batch size"),
-                                ("seed", 0, "seed of tie-breaking, random maps, re-initialisation, bootstrap")):
-        p.add_argument(f"--{name}", type=int, default=default, help=text)
-    a = p.parse_args()
-    return Config(a.model, a.out, a.test_seed, a.val_seed, a.acc_seed, a.n, a.val_n, a.acc_n, a.di_n, a.steps,
-                  a.sanity_n, a.boot, a.batch, a.seed)
+    helps = {"test_seed": "van-synth seed of the test images",
+             "val_seed": "van-synth seed of the images that pick the LKA variant",
+             "acc_seed": "van-synth seed of the accuracy images", "n": "test images", "val_n": "validation images",
+             "acc_n": "accuracy images", "di_n": "test images with deletion/insertion",
+             "steps": "deletion/insertion steps", "sanity_n": "sanity-check images", "boot": "bootstrap resamples",
+             "batch": "batch size", "seed": "seed of tie-breaking, random maps, re-initialisation, bootstrap"}
+    for f in fields(Config)[2:]:
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, help=helps[f.name])
+    return Config(**vars(p.parse_args()))
 
 
 def main() -> None:
