@@ -1,10 +1,11 @@
 """Do the heatmaps find the object? VAN Studio's LKA maps against Grad-CAM and naive baselines.
 
 On ``van-synth`` images (seeds never used in training) with exact object masks,
-every heatmap the app offers -- the class-agnostic stage maps and their
-combination, the class-conditioned (true class) stage maps and their
-combination -- plus two extra LKA variants per stage (mean |attn|, sign-flipped
-map), Grad-CAM (``grad-cam`` package, unfused model, last stage-4 block, true
+every heatmap the app offers -- the class-agnostic stage maps (squared departure
+of ``attn`` from each channel's spatial mean) and their combination, the
+class-conditioned (true class) stage maps and their combination -- plus other
+reductions of ``attn`` over channels per stage and combined (``VARIANTS``: the
+plain channel mean, its negation, mean |attn|, mean absolute departure), Grad-CAM (``grad-cam`` package, unfused model, last stage-4 block, true
 class), a centre Gaussian, a uniform and a random map are scored with
 ``van_app.localization``: tie-aware pointing game, mass in mask and its lift,
 RISE deletion / insertion AUC (blurred-image baseline; for the app's maps, the
@@ -64,6 +65,13 @@ from van_app.weights import build_model, infer_spec
 BASELINES = ("Grad-CAM", "centre Gaussian", "uniform", "random")
 APP_KINDS = tuple(f"stage {s}" for s in range(1, 5)) + ("combined",) + tuple(
     f"class stage {s}" for s in range(1, 5)) + ("class combined",)
+# Other class-agnostic reductions of one block's attn (C, h, w) over its channels, candidates for selection.
+VARIANTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "mean": lambda attn: attn.mean(0),
+    "-mean": lambda attn: -attn.mean(0),
+    "|attn|": lambda attn: attn.abs().mean(0),
+    "|departure|": lambda attn: (attn - attn.mean((1, 2), keepdim=True)).abs().mean(0),
+}
 
 
 @dataclass
@@ -148,15 +156,14 @@ def lka_maps(model: torch.nn.Module, data: list[Sample], batch: int) -> dict[str
             geometry = input_geometry(model, image.size)
             own = {key: attn[i : i + 1] for key, attn in captured.items()}
             agnostic = stage_maps(own, strides)
-            absolute = [_variant(f"|stage {s + 1}|", torch.stack(
-                [a[0].abs().float().mean(0) for (st, _), a in sorted(own.items()) if st == s]).mean(0).numpy(),
-                strides[s]) for s in range(len(strides))]
-            flipped = [_variant(f"-stage {s + 1}", -m.raw, m.stride) for s, m in enumerate(agnostic[:-1])]
             evidence = class_maps(model, image, label_of(model, sample))
             found = dict(zip(APP_KINDS, agnostic + evidence))
-            found.update({f"|stage {s + 1}|": m for s, m in enumerate(absolute)})
-            found["|combined|"] = combine(absolute, "|combined|")
-            found.update({f"-stage {s + 1}": m for s, m in enumerate(flipped)})
+            for name, reduce in VARIANTS.items():
+                per_stage = [_variant(f"{name} stage {s + 1}", torch.stack(
+                    [reduce(a[0].float()) for (st, _), a in sorted(own.items()) if st == s]).mean(0).numpy(),
+                    strides[s]) for s in range(len(strides))]
+                found.update({m.title: m for m in per_stage})
+                found[f"{name} combined"] = combine(per_stage, f"{name} combined")
             for name, heatmap in found.items():
                 maps.setdefault(name, []).append(shown(heatmap, geometry))
     return maps
@@ -394,7 +401,7 @@ def main() -> None:
     print("\npaired comparison with Grad-CAM (difference > 0: the LKA map is better; deletion sign flipped)")
     for row in paired:
         if row["method"] in (selected, "combined", "class combined"):
-            print(f"{row['method']:<18}{row['metric']:<11}{row['better_by']:+.3f} [{row['low']:+.3f}, "
+            print(f"{row['method']:<24}{row['metric']:<11}{row['better_by']:+.3f} [{row['low']:+.3f}, "
                   f"{row['high']:+.3f}]  p={row['p']:.4f}  "
                   f"wins/losses/ties {row['wins']}/{row['losses']}/{row['ties']}")
 

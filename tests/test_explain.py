@@ -17,8 +17,9 @@ from van_app.explain import (
     normalise,
     overlay,
     render,
+    stage_maps,
 )
-from van_app.model import lka_modules
+from van_app.model import capture_attention, lka_modules
 
 
 def _tiny(size: int = 64) -> torch.nn.Module:
@@ -54,13 +55,39 @@ def test_block_maps_cover_every_block(model):
     assert blocks == [f"Stage {s + 1} block {b + 1}" for (s, b), _ in lka_modules(model)]
 
 
-def test_display_maps_are_in_unit_range_and_raw_maps_signed(model):
+def test_display_maps_are_in_unit_range_and_stage_maps_non_negative(model):
     analysis = analyse(model, _off_centre())
     for heatmap in analysis.maps:
         assert heatmap.display.shape == heatmap.raw.shape
         assert np.isfinite(heatmap.display).all()
         assert heatmap.display.min() >= 0.0 and heatmap.display.max() <= 1.0
-    assert any(m.raw.min() < 0 for m in analysis.maps[:4])
+    assert all(m.raw.min() >= 0 for m in analysis.maps)
+
+
+def test_stage_map_is_the_blocks_mean_squared_departure_from_each_channels_mean(model):
+    image = _off_centre()
+    with torch.inference_mode(), capture_attention(model, detach=True) as captured:
+        model(preprocess(model, image))
+    expected = []
+    for stage in range(4):
+        attns = [a[0].double() for (s, _), a in sorted(captured.items()) if s == stage]
+        expected.append(np.mean([((a - a.mean((1, 2), keepdim=True)) ** 2).mean(0).numpy() for a in attns], 0))
+    for heatmap, want in zip(analyse(model, image).maps, expected):
+        np.testing.assert_allclose(heatmap.raw, want, rtol=1e-4, atol=1e-7)
+
+
+def test_channel_offsets_do_not_move_the_stage_map():
+    uniform = torch.zeros(1, 3, 4, 4)
+    uniform[0, 1, 2, 3] = 1.0
+    shifted = uniform + torch.tensor([5.0, -7.0, 2.0]).view(1, 3, 1, 1)
+    plain, moved = (stage_maps({(0, 0): a}, [4])[0] for a in (uniform, shifted))
+    np.testing.assert_allclose(plain.raw, moved.raw, atol=1e-5)
+    assert np.unravel_index(plain.display.argmax(), (4, 4)) == (2, 3)
+
+
+def test_spatially_uniform_attention_gives_a_constant_map():
+    flat = torch.arange(3.0).view(1, 3, 1, 1).expand(1, 3, 4, 4)
+    assert stage_maps({(0, 0): flat}, [4])[0].constant
 
 
 def test_stage_maps_match_the_unfused_model(model):

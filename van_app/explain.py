@@ -6,10 +6,15 @@ LKA input ``u`` (``lka(u) = u * attn``). A stage with reduction ``r`` (4, 8, 16,
 has its cell (i, j) centred on model-input pixel (r*i, r*j): every patch embedding
 is an odd kernel padded by half its width, so receptive fields are centred there.
 
-- Block map (class-agnostic): ``attn`` averaged over its channels.
-- Stage map (class-agnostic): the block maps of the stage averaged, i.e. ``attn``
-  averaged over channels and blocks. Signed raw values; displayed min-max normalised
-  to [0, 1]. It shows where the attention gates the features, for no class in particular.
+- Block map (class-agnostic): where the attention departs from its usual gate, the
+  squared difference between ``attn_c`` and its spatial mean, averaged over channels:
+  ``mean_c (attn_c - mean_hw attn_c)^2``. Each channel's constant offset (which
+  dominates a plain channel mean and has no meaningful sign) drops out; what is left
+  is where the block gates its input unlike everywhere else.
+- Stage map (class-agnostic): the block maps of the stage averaged. Non-negative raw
+  values; displayed min-max normalised to [0, 1]. It shows where the attention singles
+  out a region, for no class in particular (``benchmarks/heatmaps.py`` measures how
+  well it finds the object).
 - Class map (evidence for class k, Grad-CAM on the LKA attention): for each block,
   channel weights ``alpha_c`` = the spatial mean of d logit_k / d attn_c; the block map
   is ``sum_c alpha_c * attn_c``; a stage sums its blocks. Signed raw values; displayed
@@ -69,7 +74,7 @@ class Geometry:
 
 @dataclass(frozen=True)
 class Heatmap:
-    """One map on a stage grid: ``raw`` (signed, native resolution) and ``display`` (same grid, in [0, 1])."""
+    """One map on a stage grid: ``raw`` (native resolution; class maps are signed) and ``display`` (in [0, 1])."""
 
     title: str
     raw: np.ndarray
@@ -190,20 +195,26 @@ def combine(maps: list[Heatmap], title: str, positive: bool = False) -> Heatmap:
     return _heatmap(title, raw, finest.stride, positive)
 
 
+def departure(attn: torch.Tensor) -> torch.Tensor:
+    """``mean_c (attn_c - mean_hw attn_c)^2`` of one block's ``attn`` (C, h, w): where it gates unlike elsewhere."""
+    attn = attn.float()
+    return (attn - attn.mean((1, 2), keepdim=True)).square().mean(0)
+
+
 def stage_maps(captured: dict[tuple[int, int], torch.Tensor], strides: list[int]) -> list[Heatmap]:
-    """Per stage: ``attn`` averaged over channels and blocks (class-agnostic), then the combined map."""
+    """Per stage: the blocks' ``departure`` maps averaged (class-agnostic), then the combined map."""
     maps = []
     for stage, stride in enumerate(strides):
         attns = [a for (s, _), a in sorted(captured.items()) if s == stage]
-        raw = torch.stack([a[0].float().mean(0) for a in attns]).mean(0)
+        raw = torch.stack([departure(a[0]) for a in attns]).mean(0)
         maps.append(_heatmap(f"Stage {stage + 1}", raw.cpu().numpy(), stride))
     return maps + [combine(maps, "Combined")]
 
 
 def block_maps(captured: dict[tuple[int, int], torch.Tensor], strides: list[int]) -> list[Heatmap]:
-    """Per block: ``attn`` averaged over channels (class-agnostic)."""
+    """Per block: its ``departure`` map (class-agnostic)."""
     return [
-        _heatmap(f"Stage {s + 1} block {b + 1}", attn[0].float().mean(0).cpu().numpy(), strides[s])
+        _heatmap(f"Stage {s + 1} block {b + 1}", departure(attn[0]).cpu().numpy(), strides[s])
         for (s, b), attn in sorted(captured.items())
     ]
 

@@ -38,7 +38,7 @@ WORKING_SIDE = 1024
 DEFAULT_CHOICE = "startup"
 STAGE_NOTE = (
     "**Stage maps are class-agnostic**: they show where the network's Large Kernel Attention "
-    "gates its features (*where the network looks*), not evidence for any class. "
+    "gates its features unlike everywhere else (*where the network looks*), not evidence for any class. "
     "Pick a class below for the **evidence for that class** (Grad-CAM on the LKA attention)."
 )
 
