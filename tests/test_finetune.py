@@ -16,7 +16,7 @@ from conftest import TINY_RUN, commits, committed_files, fake_hub, hub_env, make
 from van_app.cli import build_parser, main
 from van_app.export import EXPORT_FILES
 from van_app.model import VARIANTS
-from van_app.module import FreezeBackbone, cosine_with_warmup, create_classifier, parameter_groups
+from van_app.module import FreezeBackbone, VanClassifier, cosine_with_warmup, create_classifier, parameter_groups
 from van_app.weights import build_model
 
 OPTIONS = ["--ema", "--ema-decay", "0.9", "--freeze-epochs", "1", "--mixup", "0.2", "--cutmix", "0.2",
@@ -262,3 +262,14 @@ def test_freeze_ends_after_its_epochs():
     module.model(torch.randn(2, 3, 32, 32)).sum().backward()
     FreezeBackbone(1).on_before_optimizer_step(SimpleNamespace(current_epoch=1), module, None)
     assert all(p.grad is not None for p in module.model.stages.parameters())
+
+
+def test_top5_counts_the_true_class_anywhere_in_the_top_five_after_a_perfect_first_batch():
+    labels = [f"c{i}" for i in range(6)]
+    module = VanClassifier(build_model(VARIANTS["van_micro"], 6), labels)
+    target = torch.arange(6)
+    module.val_overall.update(torch.eye(6), target)  # every class right: top-1 and top-5 states agree
+    second_best = torch.eye(6)[(target + 1) % 6] + 0.5 * torch.eye(6)
+    module.val_overall.update(second_best, target)  # every class second: top-1 wrong, top-5 right
+    scores = module.val_overall.compute()
+    assert scores["val_acc"] == pytest.approx(0.5) and scores["val_top5"] == pytest.approx(1.0)

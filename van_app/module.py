@@ -134,7 +134,8 @@ class VanClassifier(L.LightningModule):
         overall = {"acc": MulticlassAccuracy(n, average="micro"), "f1": MulticlassF1Score(n, average="macro")}
         if n >= 5:
             overall["top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
-        self.val_overall = MetricCollection(overall, prefix="val_")
+        # compute_groups would merge top-1 and top-5 whenever their states match after the first batch.
+        self.val_overall = MetricCollection(overall, prefix="val_", compute_groups=False)
         self.val_per_class = MetricCollection({"precision": MulticlassPrecision(n, average=None),
                                                "recall": MulticlassRecall(n, average=None),
                                                "f1": MulticlassF1Score(n, average=None)})
