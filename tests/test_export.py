@@ -12,7 +12,7 @@ from PIL import Image
 
 import van_app
 from van_app.data import VanDataModule
-from van_app.export import EXPORT_FILES, RunInfo, atomic_path, export_config, write_text
+from van_app.export import EXPORT_FILES, RunInfo, atomic_path, export_config, model_card, write_text
 from van_app.model import VanSpec
 from van_app.module import model_state
 from van_app.weights import build_model, infer_spec
@@ -164,3 +164,19 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("disk full")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.parametrize(("base_model", "local_start", "says"), [
+    (None, None, "trained from random initialisation"),
+    ("Visual-Attention-Network/VAN-Tiny-original",
+     None, "fine-tuned from [Visual-Attention-Network/VAN-Tiny-original](https://huggingface.co/"),
+    (None, "runs/first", "fine-tuned from the local weights `runs/first`"),
+])
+def test_model_card_says_where_training_started(base_model, local_start, says):
+    model = build_model(VanSpec((8, 16, 24, 32), (1, 1, 1, 1), (4, 4, 4, 4)), 2)
+    run = RunInfo(data_name="d", data_summary={}, training_args={}, command="van-finetune --data d",
+                  base_model=base_model, local_start=local_start)
+    config = export_config(model, ["a", "b"], {"input_size": (3, 32, 32), "interpolation": "bicubic",
+                                               "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.9}, run)
+    metrics = {"val_acc": 0.5, "val_f1": 0.5, "val_loss": 1.0, "epochs": 1, "images_seen": 8}
+    assert says in model_card(config, metrics, run, "m").text

@@ -216,6 +216,7 @@ def test_pretrained_export_gives_its_weights_and_a_new_head(trained):
     state = base.model.state_dict()
     assert base.model.variant == "van_micro" and base.model.num_classes == 2
     assert all(torch.equal(state[k], v) for k, v in source.items() if not k.startswith("head."))
+    assert base.base_model is None and base.local_start == str(out)
 
 
 def test_drop_path_reaches_the_blocks():

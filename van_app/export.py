@@ -43,6 +43,7 @@ class RunInfo:
     command: str
     license: str = "apache-2.0"
     base_model: str | None = None
+    local_start: str | None = None  # a local file or folder the training started from
 
 
 @contextmanager
@@ -160,8 +161,12 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any], run: RunInfo, mo
                      f"{counts.get(label, {}).get('val', '')} | {metrics.get(f'val_precision_{label}', 0):.3f} | "
                      f"{metrics.get(f'val_recall_{label}', 0):.3f} | {metrics.get(f'val_f1_{label}', 0):.3f} |"
                      for i, label in enumerate(labels))
-    start = f"fine-tuned from [{run.base_model}](https://huggingface.co/{run.base_model})" if run.base_model \
-        else "trained from random initialisation"
+    if run.base_model:
+        start = f"fine-tuned from [{run.base_model}](https://huggingface.co/{run.base_model})"
+    elif run.local_start:
+        start = f"fine-tuned from the local weights `{run.local_start}`"
+    else:
+        start = "trained from random initialisation"
     body = f"""
 # {model_name}
 

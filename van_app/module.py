@@ -58,6 +58,7 @@ class BaseModel:
     model: VAN
     base_model: str | None  # Hub id of the starting weights, for the model card
     note: str | None  # a warning for the user, e.g. pretrained weights that could not be had
+    local_start: str | None = None  # the local file or folder the starting weights came from
 
 
 def create_classifier(variant: str, pretrained: str, num_classes: int, drop_path_rate: float = 0.0,
@@ -75,14 +76,14 @@ def create_classifier(variant: str, pretrained: str, num_classes: int, drop_path
             start, note = None, f"no pretrained weights for {variant} ({e}); training from random initialisation"
     else:
         start = load_model(pretrained, num_classes=num_classes)
-        base_model = pretrained.removeprefix("hf-hub:") if not _is_local(pretrained) else None
+        base_model = None if _is_local(pretrained) else pretrained.removeprefix("hf-hub:")
     spec = VARIANTS[variant] if start is None else infer_spec(start.state_dict())[0]
     model = build_model(spec, num_classes, drop_path_rate=drop_path_rate, layer_scale_init=layer_scale_init)
     if start is not None:
         model.load_state_dict(start.state_dict())
         model.pretrained_cfg = dict(model.pretrained_cfg, **{k: start.pretrained_cfg[k] for k in
                                                             ("mean", "std", "interpolation", "crop_pct")})
-    return BaseModel(model, base_model, note)
+    return BaseModel(model, base_model, note, pretrained if start is not None and base_model is None else None)
 
 
 def _is_local(source: str) -> bool:
