@@ -15,8 +15,13 @@ def main() -> None:
     parser.add_argument("--model", default=os.environ.get("VAN_MODEL"),
                         help="anything load_model accepts (variant, checkpoint, export dir, Hub repo id); "
                              "default: $VAN_MODEL, else the bundled export under checkpoints/")
+    parser.add_argument("--local-models", action=argparse.BooleanOptionalAction,
+                        default=not os.environ.get("SPACE_ID"),
+                        help="let the page load models from this machine's files by path "
+                             "(default: on, except on a Hugging Face Space, which sets $SPACE_ID)")
     args = parser.parse_args()
-    build_demo(args.model, root=Path(__file__).resolve().parent).launch(**launch_options())
+    build_demo(args.model, root=Path(__file__).resolve().parent,
+               allow_local=args.local_models).launch(**launch_options())
 
 
 if __name__ == "__main__":

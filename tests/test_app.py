@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import os
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from gradio_client import Client, handle_file
 from PIL import Image, ImageDraw
 
 from van_app.ui import (MAX_PIXELS, ModelKey, ModelStore, default_key, example_images, launch_options,
-                       load_for_page, read_image)
+                       load_for_page, read_image, typed_source)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,3 +204,36 @@ def test_official_weights_offline_and_uncached_are_a_readable_error(tmp_path, mo
 def test_typed_folder_that_is_not_a_model_is_a_readable_error(tmp_path):
     with pytest.raises(gr.Error, match="no config.json"):
         load_for_page(ModelStore(), ModelKey(str(tmp_path)))
+
+
+def test_typed_source_must_not_be_empty():
+    with pytest.raises(gr.Error, match="Type a Hub repo id"):
+        typed_source("   ")
+
+
+def test_typed_local_folder_loads_where_local_models_are_allowed(tmp_path):
+    assert typed_source(f" {tmp_path} ") == ModelKey(str(tmp_path))
+
+
+@pytest.mark.parametrize("text", ["checkpoints/van-b0-shapes", "/etc", "../secrets", "~/models/mine"])
+def test_server_paths_are_refused_where_local_models_are_off(text, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(gr.Error, match="turned off"):
+        typed_source(text, allow_local=False)
+
+
+def test_hub_repo_ids_still_load_where_local_models_are_off():
+    assert typed_source("someone/van-b0-pets", allow_local=False) == ModelKey("someone/van-b0-pets")
+
+
+def test_a_hugging_face_space_turns_local_models_off(monkeypatch):
+    monkeypatch.setenv("SPACE_ID", "someone/van-studio")
+    process, url = start_app("van_micro")
+    try:
+        with urllib.request.urlopen(url + "config", timeout=10) as response:
+            page = json.load(response)
+    finally:
+        stop(process)
+    labels = [c["props"].get("label") for c in page["components"] if c.get("type") == "textbox"]
+    assert "Hub repo id (owner/name)" in labels
+    assert not any("local" in (label or "") for label in labels)

@@ -198,6 +198,18 @@ def load_for_page(store: ModelStore, key: ModelKey) -> LoadedModel:
         raise gr.Error(f"Could not load {key.source}: {e}") from e
 
 
+def typed_source(text: str, allow_local: bool = True) -> ModelKey:
+    """The model key for the picker's text box, or a ``gr.Error``: empty, or a server path where those are off."""
+    source = text.strip()
+    if not source:
+        raise gr.Error("Type a Hub repo id (owner/name)" + (" or a local export directory" if allow_local else "")
+                       + " first.")
+    if not allow_local and (Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))):
+        raise gr.Error(f"Loading files from the server is turned off here; {source!r} is not a Hub repo id "
+                       "(owner/name).")
+    return ModelKey(source)
+
+
 def run_prediction(store: ModelStore, path: str | None, key: ModelKey, k: int = 5) -> Result:
     """Read the upload and analyse it with the fused model (prediction and attention maps in one pass)."""
     image = read_image(path)
@@ -241,8 +253,12 @@ def readable_upload_errors(component: gr.Image) -> gr.Image:
     return component
 
 
-def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5, concurrency: int = 2) -> gr.Blocks:
-    """The app: ``model`` (anything ``load_model`` accepts) or the bundled export under ``root/checkpoints``."""
+def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5, concurrency: int = 2,
+               allow_local: bool = True) -> gr.Blocks:
+    """The app: ``model`` (anything ``load_model`` accepts) or the bundled export under ``root/checkpoints``.
+
+    ``allow_local=False`` (public deployments) limits the picker's text box to Hub repo ids.
+    """
     root = root or Path.cwd()
     store = ModelStore()
     start_key = ModelKey(model) if model else default_key(root / "checkpoints")
@@ -257,9 +273,7 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
         return load(key, progress)
 
     def choose_source(text: str, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
-        if not text.strip():
-            raise gr.Error("Type a Hub repo id (owner/name) or a local export directory first.")
-        return load(ModelKey(text.strip()), progress)
+        return load(typed_source(text, allow_local), progress)
 
     def load(key: ModelKey, progress: gr.Progress) -> tuple:
         progress(0, desc=f"Loading {key.source}")
@@ -335,7 +349,8 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
         with gr.Accordion("Model", open=False):
             picker = gr.Radio(choices, value=DEFAULT_CHOICE, label="Model")
             with gr.Row():
-                source = gr.Textbox(label="Hub repo id (owner/name) or local export directory", scale=3)
+                source = gr.Textbox(label="Hub repo id (owner/name)" + (" or local export directory"
+                                                                        if allow_local else ""), scale=3)
                 load_button = gr.Button("Load", scale=1)
 
         predicted = button.click(predict, [image, current, style], [labels, gallery, result], api_name="predict")
