@@ -5,7 +5,8 @@ every heatmap the app offers -- the class-agnostic stage maps (squared departure
 of ``attn`` from each channel's spatial mean) and their combination, the
 class-conditioned (true class) stage maps and their combination -- plus other
 reductions of ``attn`` over channels per stage and combined (``VARIANTS``: the
-plain channel mean, its negation, mean |attn|, mean absolute departure), Grad-CAM (``grad-cam`` package, unfused model, last stage-4 block, true
+plain channel mean, its negation, mean |attn|, mean absolute departure),
+Grad-CAM (``grad-cam`` package, unfused model, last stage-4 block, true
 class), a centre Gaussian, a uniform and a random map are scored with
 ``van_app.localization``: tie-aware pointing game, mass in mask and its lift,
 RISE deletion / insertion AUC (blurred-image baseline; for the app's maps, the
@@ -47,7 +48,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from van_app import load_model, preprocess
-from van_app.explain import Geometry, Heatmap, class_maps, combine, input_geometry, normalise, render, stage_maps
+from van_app.explain import Geometry, Heatmap, class_maps, input_geometry, normalise, render, stage_maps
 from van_app.localization import (
     area_share,
     bootstrap_ci,
@@ -137,12 +138,6 @@ def shown(heatmap: Heatmap, geometry: Geometry) -> np.ndarray:
     return render(heatmap, geometry)[0]
 
 
-def _variant(title: str, raw: np.ndarray, stride: int) -> Heatmap:
-    """A min-max normalised ``Heatmap`` of ``raw``."""
-    display, constant = normalise(raw)
-    return Heatmap(title, raw.astype(np.float32), display, stride, constant)
-
-
 def lka_maps(model: torch.nn.Module, data: list[Sample], batch: int) -> dict[str, list[np.ndarray]]:
     """Every LKA map variant of every image, drawn on the original image."""
     strides = [info["reduction"] for info in model.feature_info]
@@ -159,11 +154,8 @@ def lka_maps(model: torch.nn.Module, data: list[Sample], batch: int) -> dict[str
             evidence = class_maps(model, image, label_of(model, sample))
             found = dict(zip(APP_KINDS, agnostic + evidence))
             for name, reduce in VARIANTS.items():
-                per_stage = [_variant(f"{name} stage {s + 1}", torch.stack(
-                    [reduce(a[0].float()) for (st, _), a in sorted(own.items()) if st == s]).mean(0).numpy(),
-                    strides[s]) for s in range(len(strides))]
-                found.update({m.title: m for m in per_stage})
-                found[f"{name} combined"] = combine(per_stage, f"{name} combined")
+                kinds = [f"{name} stage {s + 1}" for s in range(len(strides))] + [f"{name} combined"]
+                found.update(zip(kinds, stage_maps(own, strides, reduce)))
             for name, heatmap in found.items():
                 maps.setdefault(name, []).append(shown(heatmap, geometry))
     return maps

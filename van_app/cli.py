@@ -274,7 +274,8 @@ def _export_and_report(args: argparse.Namespace, argv: list[str], out: Path, mod
              "images_seen": module.images_seen, "wall_time_s": round(module.wall_time_s(), 2)}
     training_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     run = RunInfo(data_name=dm.data_dir.name, data_summary=dm.summary(), command=shlex.join(["van-finetune", *argv]),
-                  training_args=dict(training_args, lr=module.lr), license=args.license, base_model=base.base_model, local_start=base.local_start)
+                  training_args=dict(training_args, lr=module.lr), license=args.license, base_model=base.base_model,
+                  local_start=base.local_start)
     data_config = dict(dm.data_config(), input_size=(3, args.img_size, args.img_size))
     metrics = write_export(out, model, dm.classes, data_config, report, extra, run, model_name=args.push_to_hub)
     dm.write_bad_files(out / BAD_FILES)

@@ -39,6 +39,7 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -201,12 +202,13 @@ def departure(attn: torch.Tensor) -> torch.Tensor:
     return (attn - attn.mean((1, 2), keepdim=True)).square().mean(0)
 
 
-def stage_maps(captured: dict[tuple[int, int], torch.Tensor], strides: list[int]) -> list[Heatmap]:
-    """Per stage: the blocks' ``departure`` maps averaged (class-agnostic), then the combined map."""
+def stage_maps(captured: dict[tuple[int, int], torch.Tensor], strides: list[int],
+               reduce: Callable[[torch.Tensor], torch.Tensor] = departure) -> list[Heatmap]:
+    """Per stage: the blocks' ``reduce`` maps (default ``departure``) averaged (class-agnostic), then combined."""
     maps = []
     for stage, stride in enumerate(strides):
         attns = [a for (s, _), a in sorted(captured.items()) if s == stage]
-        raw = torch.stack([departure(a[0]) for a in attns]).mean(0)
+        raw = torch.stack([reduce(a[0].float()) for a in attns]).mean(0)
         maps.append(_heatmap(f"Stage {stage + 1}", raw.cpu().numpy(), stride))
     return maps + [combine(maps, "Combined")]
 

@@ -64,7 +64,7 @@ class BaseModel:
 def create_classifier(variant: str, pretrained: str, num_classes: int, drop_path_rate: float = 0.0,
                       layer_scale_init: float = 1e-2) -> BaseModel:
     """A VAN with a new head for ``num_classes``, started from ``pretrained``: auto, none, a path or a Hub repo id."""
-    base_model, note = None, None
+    base_model, note, local_start = None, None, None
     if pretrained == "none":
         start = None
     elif pretrained == "auto":
@@ -76,14 +76,17 @@ def create_classifier(variant: str, pretrained: str, num_classes: int, drop_path
             start, note = None, f"no pretrained weights for {variant} ({e}); training from random initialisation"
     else:
         start = load_model(pretrained, num_classes=num_classes)
-        base_model = None if _is_local(pretrained) else pretrained.removeprefix("hf-hub:")
+        if _is_local(pretrained):
+            local_start = pretrained
+        else:
+            base_model = pretrained.removeprefix("hf-hub:")
     spec = VARIANTS[variant] if start is None else infer_spec(start.state_dict())[0]
     model = build_model(spec, num_classes, drop_path_rate=drop_path_rate, layer_scale_init=layer_scale_init)
     if start is not None:
         model.load_state_dict(start.state_dict())
         model.pretrained_cfg = dict(model.pretrained_cfg, **{k: start.pretrained_cfg[k] for k in
                                                             ("mean", "std", "interpolation", "crop_pct")})
-    return BaseModel(model, base_model, note, pretrained if start is not None and base_model is None else None)
+    return BaseModel(model, base_model, note, local_start)
 
 
 def _is_local(source: str) -> bool:
