@@ -101,9 +101,9 @@ def export_for_app(model: torch.nn.Module, folder: Path) -> Path:
     """``model`` as a van_app export directory (config.json + model.safetensors) the app can load."""
     from safetensors.torch import save_file
 
-    from van_app.export import RunInfo, export_config, write_json
+    from van_app.export import RunInfo, export_config
+    from van_app.files import EXPORT_CONFIG, EXPORT_WEIGHTS, write_json
     from van_app.predict import data_config
-    from van_app.weights import EXPORT_CONFIG, EXPORT_WEIGHTS
 
     run = RunInfo("random images", {}, {}, "benchmarks/app_latency.py")
     write_json(folder / EXPORT_CONFIG, export_config(model, model.labels, data_config(model), run))

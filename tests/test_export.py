@@ -12,7 +12,8 @@ from PIL import Image
 
 import van_app
 from van_app.data import VanDataModule
-from van_app.export import EXPORT_FILES, RunInfo, atomic_path, export_config, model_card, write_text
+from van_app.export import RunInfo, export_config, model_card
+from van_app.files import EXPORT_FILES, atomic_path, write_text
 from van_app.model import VanSpec
 from van_app.module import model_state
 from van_app.weights import build_model, infer_spec

@@ -14,7 +14,7 @@ import torch
 import van_app
 from conftest import TINY_RUN, commits, committed_files, fake_hub, hub_env, make_image_folders, run_cli
 from van_app.cli import build_parser, main
-from van_app.export import EXPORT_FILES
+from van_app.files import EXPORT_FILES
 from van_app.model import VARIANTS
 from van_app.module import FreezeBackbone, VanClassifier, cosine_with_warmup, create_classifier, parameter_groups
 from van_app.weights import build_model

@@ -11,7 +11,7 @@ from huggingface_hub import HfApi
 
 from conftest import TINY_RUN, TOKEN, commits, committed_files, make_image_folders
 from van_app.cli import main, push_main
-from van_app.export import EXPORT_FILES
+from van_app.files import EXPORT_FILES
 from van_app.hub import HubError, push_export
 
 

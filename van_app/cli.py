@@ -16,16 +16,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .data import DataError, default_workers
-from .hub import HubError
+from .data import default_workers
+from .errors import CheckpointError, DataError, HubError, UsageError
 from .model import VARIANTS
-from .weights import CheckpointError
 
 USER_ERRORS = (DataError, CheckpointError, HubError)
-
-
-class UsageError(ValueError):
-    """Options that contradict each other or the output folder's state."""
 
 
 def _lr(text: str) -> float | str:
@@ -260,7 +255,8 @@ def _export_and_report(args: argparse.Namespace, argv: list[str], out: Path, mod
     """Export the best checkpoint's weights and metrics, print them, push when asked."""
     import torch
 
-    from .export import BAD_FILES, RunInfo, summary_table, write_export
+    from .export import RunInfo, summary_table, write_export
+    from .files import BAD_FILES
     from .hub import push_export
     from .module import model_state
     from .weights import build_model, infer_spec

@@ -18,19 +18,16 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
+from .errors import DataError
+from .files import IMAGE_SUFFIXES, is_image_file, write_text
 from .images import BadImageError, open_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
 LAYOUT_HELP = "expected DATA/<class>/<images> or DATA/train/<class>/<images> + DATA/val/<class>/<images>"
 
 Sample = tuple[Path, int]
-
-
-class DataError(ValueError):
-    """A problem with the user's data folder; the message is one line, fit to print before exiting."""
 
 
 def default_workers() -> int:
@@ -53,7 +50,7 @@ def find_images(folder: Path) -> list[Path]:
     found = []
     for parent, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not is_hidden(d)]
-        found += [Path(parent, f) for f in files if not is_hidden(f) and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        found += [Path(parent, f) for f in files if not is_hidden(f) and is_image_file(f)]
     return sorted(found)
 
 
@@ -263,7 +260,7 @@ class VanDataModule(lightning.LightningDataModule):
             for name, paths in files.items():
                 if not paths:
                     where = name if self.layout == "folders" else f"{split}/{name}"
-                    raise DataError(f"class folder {where} has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+                    raise DataError(f"class folder {where} has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return files
 
     def _require_valid_images(self, samples: dict[str, list[Sample]], files: dict[str, dict[str, list[Path]]]) -> None:
@@ -306,14 +303,10 @@ class VanDataModule(lightning.LightningDataModule):
 
     def write_bad_files(self, path: Path) -> None:
         """Atomically write the skipped files as ``path<TAB>reason`` lines (paths relative to the data folder)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         lines = [f"# {len(self.bad_files)} bad image files skipped: path (relative to the data folder), tab, reason"]
         for bad, reason in self.bad_files:
             lines.append(f"{bad.relative_to(self.data_dir).as_posix()}\t{reason}")
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(Path(path), "\n".join(lines) + "\n")
 
     def class_counts(self) -> dict[str, dict[str, int]]:
         """Images per class and split: ``{class: {"train": n, "val": n, "test": n}}``."""

@@ -10,12 +10,8 @@ model with its labels.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -23,14 +19,9 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .model import VAN
-from .weights import EXPORT_CONFIG, EXPORT_WEIGHTS, infer_spec, model_args
-
-METRICS = "metrics.json"
-CONFUSION_PNG = "confusion_matrix.png"
-CONFUSION_JSON = "confusion_matrix.json"
-BAD_FILES = "bad_files.txt"
-CARD = "README.md"
-EXPORT_FILES = (EXPORT_WEIGHTS, EXPORT_CONFIG, METRICS, CONFUSION_PNG, CONFUSION_JSON, BAD_FILES, CARD)
+from .files import (CARD, CONFUSION_JSON, CONFUSION_PNG, EXPORT_CONFIG, EXPORT_WEIGHTS, METRICS, atomic_path,
+                    write_json)
+from .weights import infer_spec, model_args
 
 
 @dataclass
@@ -44,32 +35,6 @@ class RunInfo:
     license: str = "apache-2.0"
     base_model: str | None = None
     local_start: str | None = None  # a local file or folder the training started from
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; it replaces ``path`` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates files private to the user; exports are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Atomically write ``text`` (UTF-8) to ``path``."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def export_config(model: VAN, labels: list[str], data_config: dict[str, Any], run: RunInfo) -> dict[str, Any]:

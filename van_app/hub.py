@@ -11,12 +11,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, get_token
 
-from .export import EXPORT_FILES
-from .weights import EXPORT_CONFIG, EXPORT_WEIGHTS
-
-
-class HubError(RuntimeError):
-    """A push that could not happen; the message is one line, fit to print before exiting."""
+from .errors import HubError, first_line
+from .files import EXPORT_CONFIG, EXPORT_FILES, EXPORT_WEIGHTS
 
 
 def require_token(token: str | None = None) -> str:
@@ -60,11 +56,5 @@ def push_export(
             commit_message=commit_message,
         )
     except Exception as e:  # the client raises HTTP, connection, validation and OS errors of many types
-        raise HubError(f"push to {repo_id} failed: {_one_line(e)}") from e
+        raise HubError(f"push to {repo_id} failed: {first_line(e)}") from e
     return str(repo)
-
-
-def _one_line(error: BaseException) -> str:
-    """The first line of an error message (the client's messages span several lines)."""
-    lines = str(error).strip().splitlines()
-    return lines[0][:300] if lines else type(error).__name__

@@ -15,11 +15,9 @@ and ``DIR/masks/<class>/<id>.png`` (8-bit, 255 on the object), same names.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .files import atomic_path, write_json
 
 SHAPES: tuple[str, ...] = ("circle", "cross", "ring", "square", "star", "triangle")
 SUPERSAMPLE = 4
@@ -152,15 +152,9 @@ def generate(shape: str, index: int, size: int, seed: int) -> Sample:
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    """Write ``array`` as PNG atomically (temp file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``array`` as PNG atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def image_name(index: int) -> str:
@@ -211,7 +205,7 @@ def write_dataset(config: SynthConfig, progress: bool = False) -> int:
         print(file=sys.stderr)
     meta = dict(generator="van_app.synthetic", classes=list(config.shapes), per_class=config.per_class,
                 size=config.size, seed=config.seed, start=config.start)
-    (config.out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(config.out / "dataset.json", meta)
     return len(jobs)
 
 

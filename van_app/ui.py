@@ -21,6 +21,7 @@ import PIL.Image
 import torch
 from torch import nn
 
+from .files import is_image_file
 from .explain import Analysis, ClassMapCache, Heatmap, analyse, display_size, overlay
 from .fuse import fuse
 from .images import BadImageError, open_image
@@ -29,7 +30,6 @@ from .weights import CheckpointError, load_model
 
 COLORMAPS = ("turbo", "jet", "inferno", "viridis", "magma", "coolwarm")
 OFFICIAL_VARIANTS = ("van_b0", "van_b1", "van_b2", "van_b3")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 MAX_FILE_SIZE = "10mb"
 MAX_PIXELS = 40_000_000
 # Uploads are scaled to at most this many pixels on the long side before anything else,
@@ -148,7 +148,7 @@ def example_images(folder: Path) -> list[str]:
     """Every image file in ``folder``, sorted by name."""
     if not folder.is_dir():
         return []
-    return [str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    return [str(p) for p in sorted(folder.iterdir()) if is_image_file(p)]
 
 
 def read_image(path: str | None) -> PIL.Image.Image:

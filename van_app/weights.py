@@ -20,11 +20,10 @@ import torch
 from timm.data import ImageNetInfo
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from .errors import CheckpointError, first_line
+from .files import EXPORT_CONFIG, EXPORT_WEIGHTS, TRANSFORMERS_BIN
 from .model import VAN, VARIANTS, VanSpec
 
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_CONFIG = "config.json"
-TRANSFORMERS_BIN = "pytorch_model.bin"
 
 # The official weights were trained and validated with timm 0.4.12's ViT `_cfg()`:
 # mean = std = 0.5, bicubic, crop pct 0.9 -- not ImageNet's mean/std.
@@ -65,10 +64,6 @@ default_cfgs = generate_default_cfgs({
     "van_b6": _cfg(),
     "van_micro": _cfg(),
 })
-
-
-class CheckpointError(ValueError):
-    """A file that is not a usable VAN checkpoint; the message is one line naming the file."""
 
 
 # Ordered (pattern, replacement) rules from each foreign layout onto ours.
@@ -213,7 +208,7 @@ def read_state_dict(path: Path) -> dict[str, Any]:
         try:
             return load_file(path)
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
+            raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from e
     if not head.startswith((b"PK", b"\x80")):  # torch's zip format or a legacy pickle
         raise CheckpointError(f"{path}: not a checkpoint: neither safetensors nor a PyTorch file")
     try:
@@ -231,7 +226,7 @@ def read_state_dict(path: Path) -> dict[str, Any]:
             f"{path}: refused to unpickle: not a tensor-only PyTorch checkpoint ({reason[0] if reason else 'corrupt'})"
         ) from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from e
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first_line(e)})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj
@@ -240,12 +235,6 @@ def read_state_dict(path: Path) -> dict[str, Any]:
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
     """Whether a file starts like safetensors: a little-endian header length, then a JSON object."""
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of an exception message, for one-line errors."""
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
 
 
 def _van_state_dict(raw: dict[str, Any], source: Path | str) -> dict[str, torch.Tensor]:
@@ -352,9 +341,9 @@ def _hub_download(repo_id: str, filename: str) -> Path:
     except EntryNotFoundError as e:
         raise CheckpointError(f"{repo_id}: the Hub repo has no file {filename}") from e
     except HfHubHTTPError as e:
-        raise CheckpointError(f"{repo_id}/{filename}: download failed ({_first_line(e)})") from e
+        raise CheckpointError(f"{repo_id}/{filename}: download failed ({first_line(e)})") from e
     except ValueError as e:
-        raise CheckpointError(f"{repo_id}: not a valid Hub repo id ({_first_line(e)})") from e
+        raise CheckpointError(f"{repo_id}: not a valid Hub repo id ({first_line(e)})") from e
 
 
 def _load_dir(directory: Path, num_classes: int | None, source: str | None = None) -> VAN:
@@ -366,7 +355,7 @@ def _load_dir(directory: Path, num_classes: int | None, source: str | None = Non
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({_first_line(e)})") from e
+        raise CheckpointError(f"{config_path}: not valid JSON ({first_line(e)})") from e
     weights = directory / EXPORT_WEIGHTS
     if not weights.is_file() and (directory / TRANSFORMERS_BIN).is_file():
         weights = directory / TRANSFORMERS_BIN
