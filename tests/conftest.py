@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from PIL import Image
 TINY_RUN = ["--model", "van_micro", "--pretrained", "none", "--img-size", "32", "--batch-size", "4",
             "--workers", "0", "--epochs", "1"]
 TOKEN = "hf_localtesttoken0123456789"
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the one revision every fake Hub repo is at
 
 
 def make_image_folders(root: Path, classes: tuple[str, ...] = ("cat", "dog", "owl"), per_class: int = 8,
@@ -56,11 +58,11 @@ def trained(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
 
 
 class FakeHub(BaseHTTPRequestHandler):
-    """The Hub endpoints huggingface_hub's create_repo and upload_folder call; everything else is a 404."""
+    """The Hub endpoints huggingface_hub's create_repo, upload_folder and hf_hub_download call; the rest is a 404."""
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        self.server.requests.append({"method": self.command, "path": self.path, "auth": self.headers.get("Authorization"), "body": body})
         endpoint = f"http://127.0.0.1:{self.server.server_port}"
         if self.path == "/api/repos/create":
             repo = json.loads(body)
@@ -77,8 +79,30 @@ class FakeHub(BaseHTTPRequestHandler):
             self._json({"error": "not found"}, 404)
 
     def do_GET(self) -> None:
-        self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": b""})
-        self._json({"error": "not found"}, 404)
+        self.server.requests.append({"method": self.command, "path": self.path, "auth": self.headers.get("Authorization"), "body": b""})
+        if "/resolve/" in self.path:
+            self._resolve(send_body=True)
+        else:
+            self._json({"error": "not found"}, 404)
+
+    def do_HEAD(self) -> None:
+        self.server.requests.append({"method": self.command, "path": self.path, "auth": self.headers.get("Authorization"), "body": b""})
+        self._resolve(send_body=False)
+
+    def _resolve(self, send_body: bool) -> None:
+        """``/<repo>/resolve/<revision>/<file>``: a file of ``server.files`` (``{"repo/file": bytes}``), else a 404."""
+        repo, _, rest = self.path.partition("/resolve/")
+        data = self.server.files.get(f"{repo.strip('/')}/{rest.partition('/')[2]}")
+        self.send_response(404 if data is None else 200)
+        self.send_header("X-Repo-Commit", HUB_COMMIT)
+        if data is None:
+            self.send_header("X-Error-Code", "EntryNotFound")
+        else:
+            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", "0" if data is None else str(len(data)))
+        self.end_headers()
+        if send_body and data is not None:
+            self.wfile.write(data)
 
     def _json(self, obj: dict, status: int = 200) -> None:
         data = json.dumps(obj).encode()
@@ -94,9 +118,10 @@ class FakeHub(BaseHTTPRequestHandler):
 
 @contextmanager
 def fake_hub() -> Iterator[ThreadingHTTPServer]:
-    """A running fake Hub on 127.0.0.1; ``server.requests`` lists what the client sent."""
+    """A running fake Hub on 127.0.0.1; ``server.requests`` lists what the client sent, ``server.files`` is served."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     server.requests = []
+    server.files = {}
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield server

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from van_app import CheckpointError, load_model
+from van_app.errors import MESSAGE_LIMIT
 from van_app.weights import checkpoint_filter_fn, imagenet_labels, rename_keys
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -281,11 +283,12 @@ def test_hub_repo_without_weights_in_cache_names_the_missing_file(hub_cache: Pat
         load_model("someone/half")
 
 
-def assert_one_line_error_naming(path: Path, match: str) -> CheckpointError:
+def assert_one_line_error_naming(path: Path, match: str, **kwargs) -> CheckpointError:
+    """``load_model(path)`` fails with one short line that names ``path`` and matches ``match``."""
     with pytest.raises(CheckpointError, match=match) as error:
-        load_model(path)
+        load_model(path, **kwargs)
     message = str(error.value)
-    assert "\n" not in message and str(path) in message
+    assert "\n" not in message and str(path) in message and len(message) <= MESSAGE_LIMIT
     return error.value
 
 
@@ -374,21 +377,21 @@ def test_missing_keys_are_all_named(tmp_path: Path, official_raw) -> None:
 def test_missing_middle_block_is_named(tmp_path: Path, official_raw) -> None:
     path = tmp_path / "gap.pth"
     torch.save({"state_dict": {k: v for k, v in official_raw.items() if not k.startswith("block2.0.")}}, path)
-    error = assert_one_line_error_naming(path, "missing")
-    assert "stages.1.blocks.0.attn.proj_1.weight" in str(error)
+    assert_one_line_error_naming(path, r"missing block stages\.1\.blocks\.0 of a stage with blocks up to 1")
 
 
 def test_wrong_shapes_are_named_with_both_shapes(tmp_path: Path, official_raw) -> None:
     path = tmp_path / "shapes.pth"
     bad = dict(official_raw, **{"block1.0.mlp.fc2.weight": torch.zeros(8, 32, 1, 1)})
     torch.save({"state_dict": bad}, path)
-    assert_one_line_error_naming(path, r"wrong shape: stages\.0\.blocks\.0\.mlp\.fc2\.weight \(8, 32, 1, 1\) vs \(8, 64, 1, 1\)")
+    assert_one_line_error_naming(
+        path, r"wrong shape for 1 key: stages\.0\.blocks\.0\.mlp\.fc2\.weight \(8, 32, 1, 1\) vs \(8, 64, 1, 1\)")
 
 
 def test_unexpected_keys_are_named(tmp_path: Path, official_raw) -> None:
     path = tmp_path / "extra.pth"
     torch.save({"state_dict": dict(official_raw, **{"block1.0.extra.weight": torch.zeros(3)})}, path)
-    assert_one_line_error_naming(path, r"unexpected: stages\.0\.blocks\.0\.extra\.weight")
+    assert_one_line_error_naming(path, r"unexpected 1 key: stages\.0\.blocks\.0\.extra\.weight")
 
 
 def test_directory_without_config_is_one_line_error(tmp_path: Path) -> None:
@@ -399,3 +402,237 @@ def test_directory_without_config_is_one_line_error(tmp_path: Path) -> None:
 def test_unknown_source_is_one_line_error() -> None:
     with pytest.raises(CheckpointError, match="not a variant .* a checkpoint file"):
         load_model("no such thing")
+
+
+# --- malformed inputs: each is one short CheckpointError, refused before a model is built ---------------------------
+
+
+def b0_patch_embeds() -> dict[str, torch.Tensor]:
+    """The four patch-embedding kernels of van_b0, in our layout: enough for widths to be inferred."""
+    dims, previous, tensors = (32, 64, 160, 256), 3, {}
+    for i, dim in enumerate(dims):
+        kernel = 7 if i == 0 else 3
+        tensors[f"stages.{i}.patch_embed.proj.weight"] = torch.zeros(dim, previous, kernel, kernel)
+        previous = dim
+    return tensors
+
+
+@pytest.fixture
+def van_inits(monkeypatch: pytest.MonkeyPatch) -> list[torch.device]:
+    """The default device of every ``VAN`` built from now on in this test (meta for shape checks)."""
+    from van_app.model import VAN
+
+    devices, init = [], VAN.__init__
+
+    def recording_init(self, *args, **kwargs) -> None:
+        devices.append(torch.get_default_device())
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAN, "__init__", recording_init)
+    return devices
+
+
+@pytest.mark.parametrize("blocks", [[300], list(range(300))], ids=["block 300 alone", "300 blocks of one tensor"])
+def test_crafted_block_count_is_refused_quickly_without_building_a_model(tmp_path: Path, van_inits, blocks) -> None:
+    tensors = dict(b0_patch_embeds(), **{f"stages.3.blocks.{j}.layer_scale_1": torch.zeros(256) for j in blocks})
+    path = tmp_path / "crafted.safetensors"
+    save_file(tensors, path)
+    start = time.perf_counter()
+    error = assert_one_line_error_naming(path, "missing")
+    assert time.perf_counter() - start < 1.0
+    assert all(device.type == "meta" for device in van_inits)
+    assert ("missing block stages.3.blocks.0" in str(error)) == (blocks == [300])
+
+
+def test_many_missing_keys_are_counted_and_a_few_named(tmp_path: Path) -> None:
+    path = tmp_path / "embeds.safetensors"
+    save_file(b0_patch_embeds(), path)
+    assert_one_line_error_naming(path, r"missing [\d,]+ keys, e\.g\. stages\.0\.patch_embed\.proj\.bias, ")
+
+
+def test_huge_unprintable_key_is_named_in_a_short_printable_line(tmp_path: Path, official_raw) -> None:
+    path = tmp_path / "huge_key.pth"
+    torch.save({"state_dict": dict(official_raw, **{"block1.0.\n" + "x" * 100_000: torch.zeros(3)})}, path)
+    error = assert_one_line_error_naming(path, r"unexpected 1 key: stages\.0\.blocks\.0\.\?xxx+…")
+    assert str(error).isprintable()
+
+
+def _expanded(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s shape over a one-element storage: a file claiming far more data than it holds."""
+    return torch.zeros(1).expand(t.shape)
+
+
+BAD_TENSORS = {
+    "zero-size kernel": ("patch_embed1.proj.weight", lambda t: t[:0], r"is empty \(shape \(0, 3, 7, 7\)\)"),
+    "zero-size head": ("head.weight", lambda t: t[:0], "is empty"),
+    "integer weights": ("block1.0.mlp.fc1.weight", lambda t: t.to(torch.int32), "holds torch.int32, not floating"),
+    "NaN": ("norm2.weight", lambda t: t.clone().fill_(float("nan")), "NaN or infinite"),
+    "infinity": ("block2.1.layer_scale_1", lambda t: t.clone().fill_(float("inf")), "NaN or infinite"),
+    "not a tensor": ("norm1.bias", lambda t: t.tolist(), "is a list, not a tensor"),
+    "broadcast storage": ("block1.0.mlp.fc1.weight", _expanded, "claim [\\d,]+ bytes but the file holds"),
+}
+
+
+@pytest.mark.parametrize("key, change, match", BAD_TENSORS.values(), ids=BAD_TENSORS.keys())
+def test_malformed_tensor_is_refused(tmp_path: Path, official_raw, van_inits, key, change, match) -> None:
+    path = tmp_path / "bad.pth"
+    torch.save({"state_dict": dict(official_raw, **{key: change(official_raw[key])})}, path)
+    assert_one_line_error_naming(path, match)
+    assert not van_inits
+
+
+def test_one_storage_under_two_names_is_refused(tmp_path: Path, official_raw) -> None:
+    path = tmp_path / "shared.pth"
+    big = official_raw["block1.0.mlp.fc1.weight"]
+    torch.save({"state_dict": dict(official_raw, **{"block1.0.mlp.fc2.weight": big.view(8, 64, 1, 1)})}, path)
+    assert_one_line_error_naming(path, "claim [\\d,]+ bytes but the file holds")
+
+
+def test_non_string_keys_are_not_a_van_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "int_keys.pth"
+    torch.save({0: torch.zeros(3), 1: torch.ones(3)}, path)
+    assert_one_line_error_naming(path, "not a VAN checkpoint")
+
+
+def export_with_config(directory: Path, **changes) -> Path:
+    """A valid three-class micro export whose config.json has ``changes`` applied (None removes a key)."""
+    write_export(directory, micro_with_head(3), ["a", "b", "c"], input_size=[3, 64, 64])
+    config = json.loads((directory / "config.json").read_text())
+    for key, value in changes.items():
+        target = config["pretrained_cfg"] if key in PREPROCESSING else config
+        target[key] = value
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+PREPROCESSING = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+BAD_CONFIGS = {
+    "labels not strings": ({"label_names": [1, 2, 3]}, "label_names must be a list of strings"),
+    "labels not a list": ({"label_names": "a b c"}, "label_names must be a list of strings"),
+    "repeated labels": ({"label_names": ["a", "b", "a"]}, "label_names: repeated 1 label: a"),
+    "too few labels": ({"label_names": ["a", "b"]}, "2 labels for a head of 3 classes"),
+    "unknown interpolation": ({"interpolation": "fancy"}, "interpolation 'fancy' is not one of timm's"),
+    "interpolation not a string": ({"interpolation": ["bicubic"]}, "is not one of timm's"),
+    "input size 0": ({"input_size": [3, 0, 0]}, r"input_size must be \[3, height, width\] with sides from 32"),
+    "input size 1536": ({"input_size": [3, 1536, 1536]}, "input_size must be"),
+    "input size two numbers": ({"input_size": [64, 64]}, "input_size must be"),
+    "input size one channel": ({"input_size": [1, 64, 64]}, "input_size must be"),
+    "input size fractional": ({"input_size": [3, 64.5, 64]}, "input_size must be"),
+    "crop pct 0": ({"crop_pct": 0}, r"crop_pct must be a number in \(0, 1\]"),
+    "crop pct above 1": ({"crop_pct": 1.5}, "crop_pct must be"),
+    "crop pct NaN": ({"crop_pct": float("nan")}, "crop_pct must be"),
+    "crop pct a string": ({"crop_pct": "0.9"}, "crop_pct must be"),
+    "unknown crop mode": ({"crop_mode": "zoom"}, "crop_mode must be one of center, squash, border"),
+    "two means": ({"mean": [0.5, 0.5]}, "mean must be three finite numbers"),
+    "mean not numbers": ({"mean": ["a", 0, 0]}, "mean must be three finite numbers"),
+    "mean infinite": ({"mean": [0.5, float("inf"), 0.5]}, "mean must be three finite numbers"),
+    "std zero": ({"std": [0.5, 0, 0.5]}, "std must be three finite numbers above 0"),
+    "std negative": ({"std": [-0.5, 0.5, 0.5]}, "std must be three finite numbers above 0"),
+    "pretrained_cfg not an object": ({"pretrained_cfg": [1]}, "pretrained_cfg must be a JSON object"),
+}
+
+
+@pytest.mark.parametrize("changes, match", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_malformed_export_config_is_refused(tmp_path: Path, van_inits, changes, match) -> None:
+    export = export_with_config(tmp_path / "export", **changes)
+    van_inits.clear()
+    assert_one_line_error_naming(export, match)
+    assert all(device.type == "meta" for device in van_inits)
+
+
+@pytest.mark.parametrize("text, match", [
+    ('["architecture", "van_micro"]', "config.json must hold a JSON object, found list"),
+    ('"van_micro"', "config.json must hold a JSON object, found str"),
+    ('{"architecture": ', "not valid JSON"),
+    ("[" * 100_000, "not valid JSON"),
+], ids=["list", "string", "truncated", "deeply nested"])
+def test_config_that_is_not_a_json_object_is_refused(tmp_path: Path, text: str, match: str) -> None:
+    export = export_with_config(tmp_path / "export")
+    (export / "config.json").write_text(text)
+    assert_one_line_error_naming(export, match)
+
+
+def test_oversized_config_is_refused_before_reading(tmp_path: Path) -> None:
+    export = export_with_config(tmp_path / "export")
+    (export / "config.json").write_text(" " * (9 * 2**20) + "{}")
+    assert_one_line_error_naming(export, r"config.json has [\d,]+ bytes, more than the [\d,]+ allowed")
+
+
+@pytest.mark.parametrize("id2label, match", [
+    ({"0": "apple", "2": "bear"}, "number its 2 classes 0, 1, ... without gaps"),
+    ({"first": "apple"}, "id2label must map class indices"),
+    ({str(i): 5 for i in range(10)}, r"id2label must map class indices .* to names \(strings\)"),
+    ({str(i): "same" if i % 2 else f"odd {i}" for i in range(10)}, "id2label: repeated 1 label: same$"),
+], ids=["gap", "not an index", "not strings", "repeated"])
+def test_malformed_transformers_id2label_is_refused(tmp_path: Path, id2label: dict, match: str) -> None:
+    config = json.loads((TRANSFORMERS / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, id2label=id2label)))
+    (tmp_path / "model.safetensors").write_bytes((TRANSFORMERS / "model.safetensors").read_bytes())
+    assert_one_line_error_naming(tmp_path, match)
+
+
+# --- max_bytes: a weights file larger than allowed is never read (nor downloaded) -----------------------------------
+
+
+def test_max_bytes_refuses_a_larger_file_before_reading_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: pytest.fail("read despite max_bytes"))
+    size = OFFICIAL.stat().st_size
+    assert_one_line_error_naming(OFFICIAL, f"{size:,} bytes, more than the {size - 1:,} allowed", max_bytes=size - 1)
+
+
+def test_max_bytes_refuses_a_larger_export(tmp_path: Path) -> None:
+    export = export_with_config(tmp_path / "export")
+    assert_one_line_error_naming(export, r"model\.safetensors: [\d,]+ bytes, more than the 1,000 allowed",
+                                 max_bytes=1000)
+
+
+def test_max_bytes_admits_a_file_of_exactly_that_size() -> None:
+    assert_same_weights(load_model(OFFICIAL, max_bytes=OFFICIAL.stat().st_size), load_model(OFFICIAL))
+
+
+@pytest.fixture
+def online_hub(hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The fake Hub as huggingface_hub's endpoint (HF_ENDPOINT), online, with an empty cache."""
+    endpoint = f"http://127.0.0.1:{hub.server_port}"
+    cache = tmp_path / "hub-cache"
+    for name, value in {"HF_ENDPOINT": endpoint, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return hub
+
+
+def serve_export(hub, repo_id: str, export: Path) -> int:
+    """Put an export's config and weights on the fake Hub; the weights' size."""
+    for name in ("config.json", "model.safetensors"):
+        hub.files[f"{repo_id}/{name}"] = (export / name).read_bytes()
+    return len(hub.files[f"{repo_id}/model.safetensors"])
+
+
+def test_max_bytes_refuses_a_hub_file_from_its_metadata_without_downloading_it(tmp_path: Path, online_hub) -> None:
+    size = serve_export(online_hub, "alice/shapes", export_with_config(tmp_path / "export"))
+    with pytest.raises(CheckpointError, match=f"alice/shapes/model.safetensors: {size:,} bytes, more than the 1,000"):
+        load_model("alice/shapes", max_bytes=1000)
+    assert [r["method"] for r in online_hub.requests if r["path"].endswith("/model.safetensors")] == ["HEAD"]
+
+
+def test_max_bytes_admits_a_hub_file_within_it(tmp_path: Path, online_hub) -> None:
+    export = export_with_config(tmp_path / "export")
+    size = serve_export(online_hub, "alice/shapes", export)
+    assert_same_weights(load_model("alice/shapes", max_bytes=size), load_model(export))
+
+
+def test_max_bytes_refuses_official_weights_before_downloading_them(online_hub) -> None:
+    online_hub.files["Visual-Attention-Network/VAN-Tiny-original/van_tiny_754.pth.tar"] = b"\x80" * 5000
+    with pytest.raises(CheckpointError, match="van_tiny_754.pth.tar: 5,000 bytes, more than the 4,999 allowed"):
+        load_model("van_b0", pretrained=True, max_bytes=4999)
+    assert "GET" not in [r["method"] for r in online_hub.requests]
+
+
+def test_pretrained_variants_are_those_with_official_weights() -> None:
+    from van_app.weights import pretrained_variants
+
+    assert pretrained_variants() == ["van_b0", "van_b1", "van_b2", "van_b3"]
