@@ -21,8 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.data import resolve_data_config
 from torch.utils.data import DataLoader, TensorDataset
 
+from van_app.config import DataConfig
 from van_app.data import VanDataModule
 from van_app.model import VARIANTS
 from van_app.module import VanClassifier, cosine_with_warmup, parameter_groups
@@ -114,7 +116,12 @@ def make_image_folder(root: Path, images: int, size: int) -> Path:
 
 def loading_rate(data: Path, args: argparse.Namespace, workers: int) -> float:
     """Images/s of one pass over the augmented training loader with ``workers`` worker processes."""
-    dm = VanDataModule(data, img_size=args.img_size, batch_size=args.batch_size, workers=workers, progress=False)
+    model = build_model(VARIANTS[args.model], 2)
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, args.img_size, args.img_size))
+    config = DataConfig(data_dir=data, batch_size=args.batch_size, workers=workers)
+    dm = VanDataModule(config, resolve_data_config(model=model), progress=False)
+    dm.prepare_data()
+    dm.setup("fit")
     loader = dm.train_dataloader()
     iterator = iter(loader)
     next(iterator)  # start-up of the worker processes is not throughput

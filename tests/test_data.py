@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 from torch.utils.data import WeightedRandomSampler
 
-from van_app.data import DataError, ImageDataset, VanDataModule
+from van_app.config import DataConfig
+from van_app.data import DataError, ImageDataset, VanDataModule, find_layout, scan_folder
+from van_app.errors import UsageError
 
 SIZE = 32
 
@@ -44,10 +46,18 @@ def make_split(root: Path, train: dict[str, int], val: dict[str, int], test: dic
     return root
 
 
-def datamodule(root: Path, **kwargs) -> VanDataModule:
-    """A data module sized for tests: small images, no worker processes, no progress bar."""
-    options = {"img_size": SIZE, "batch_size": 4, "workers": 0, "progress": False, "scan_workers": 2}
-    return VanDataModule(root, **(options | kwargs))
+PREPROCESSING = {"input_size": (3, SIZE, SIZE), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                 "crop_pct": 0.9, "crop_mode": "center"}
+
+
+def datamodule(root: Path, *, run_dir: Path | None = None, progress: bool = False, preprocessing: dict | None = None,
+               **options) -> VanDataModule:
+    """A data module sized for tests (small images, no worker processes), scanned and split as fit does it."""
+    config = DataConfig(data_dir=root, **({"batch_size": 4, "workers": 0} | options))
+    dm = VanDataModule(config, PREPROCESSING | (preprocessing or {}), run_dir=run_dir, progress=progress)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
 
 
 def names(samples) -> set[str]:
@@ -66,7 +76,7 @@ def rgb_of(path: Path) -> Image.Image:
 
 def test_folders_layout_sorts_classes_and_splits_every_image(tmp_path):
     dm = datamodule(make_classes(tmp_path, {"zebra": 5, "ant": 5, "moth": 5}))
-    assert dm.layout == "folders"
+    assert dm.layout.kind == "folders"
     assert dm.classes == ["ant", "moth", "zebra"]
     assert dm.class_to_idx == {"ant": 0, "moth": 1, "zebra": 2}
     assert len(dm.train_samples) + len(dm.val_samples) == 15
@@ -75,7 +85,7 @@ def test_folders_layout_sorts_classes_and_splits_every_image(tmp_path):
 
 def test_split_layout_reads_train_val_and_test_folders(tmp_path):
     dm = datamodule(make_split(tmp_path, {"a": 3, "b": 4}, {"a": 2, "b": 1}, {"a": 1, "b": 2}))
-    assert dm.layout == "split"
+    assert dm.layout.kind == "split"
     assert dm.class_counts() == {"a": {"train": 3, "val": 2, "test": 1}, "b": {"train": 4, "val": 1, "test": 2}}
     assert all(path.parts[-3] == "train" for path, _ in dm.train_samples)
     assert all(path.parts[-3] == "test" for path, _ in dm.test_samples)
@@ -197,13 +207,11 @@ def test_bad_file_is_listed_and_skipped(tmp_path, small_pixel_limit, name):
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-def test_write_bad_files_lists_each_path_with_its_reason(tmp_path, small_pixel_limit):
+def test_bad_files_list_names_each_path_with_its_reason(tmp_path, small_pixel_limit):
     data = make_classes(tmp_path / "data", {"a": 2, "b": 2})
     for name, make in BAD_FILES.items():
         make(data / "b" / name)
-    dm = datamodule(data)
-    dm.write_bad_files(tmp_path / "out" / "bad_files.txt")
-    header, *lines = (tmp_path / "out" / "bad_files.txt").read_text().splitlines()
+    header, *lines = datamodule(data).bad_files_text().splitlines()
     assert header.startswith("# 6 bad image files")
     rows = dict(line.split("\t") for line in lines)
     assert set(rows) == {f"b/{name}" for name in BAD_FILES}
@@ -212,23 +220,22 @@ def test_write_bad_files_lists_each_path_with_its_reason(tmp_path, small_pixel_l
     assert all(reason and str(data) not in reason for reason in rows.values())
 
 
-def test_write_bad_files_writes_only_the_header_when_all_files_are_good(tmp_path):
+def test_bad_files_list_is_only_the_header_when_all_files_are_good(tmp_path):
     dm = datamodule(make_classes(tmp_path / "data", {"a": 2, "b": 2}))
-    dm.write_bad_files(tmp_path / "bad_files.txt")
-    assert (tmp_path / "bad_files.txt").read_text().splitlines() == [
+    assert dm.bad_files_text().splitlines() == [
         "# 0 bad image files skipped: path (relative to the data folder), tab, reason"
     ]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad_files.txt", "data"]
 
 
-def test_bad_files_give_one_summary_line_naming_the_list(tmp_path, caplog):
+def test_bad_files_give_one_summary_line_naming_the_list_in_the_run_folder(tmp_path, caplog):
     data = make_classes(tmp_path / "data", {"a": 2, "b": 2})
     (data / "a" / "x.jpg").write_text("nope")
     (data / "b" / "y.jpg").write_bytes(b"")
+    run = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="van_app.data"):
-        datamodule(data, bad_files_path=tmp_path / "bad_files.txt")
-    assert [r.getMessage() for r in caplog.records] == [f"skipped 2 bad files, listed in {tmp_path / 'bad_files.txt'}"]
-    assert len((tmp_path / "bad_files.txt").read_text().splitlines()) == 3
+        datamodule(data, run_dir=run)
+    assert [r.getMessage() for r in caplog.records] == [f"skipped 2 bad files, listed in {run / 'bad_files.txt'}"]
+    assert len((run / "bad_files.txt").read_text().splitlines()) == 3
 
 
 def test_progress_bar_is_shown_on_stderr_and_can_be_disabled(tmp_path, capsys):
@@ -406,8 +413,9 @@ def test_train_without_val_is_a_data_error(tmp_path):
 
 
 @pytest.mark.parametrize("val_split", [0.0, 1.0, -0.1])
-def test_val_split_outside_zero_one_is_a_data_error(tmp_path, val_split):
-    raises_data_error(make_classes(tmp_path, {"a": 2, "b": 2}), "val_split", val_split=val_split)
+def test_val_split_outside_zero_one_is_refused_in_one_line(tmp_path, val_split):
+    with pytest.raises(UsageError, match=r"^--val-split: expected a number in \(0, 1\), got"):
+        DataConfig(data_dir=tmp_path, val_split=val_split)
 
 
 # --- duplicates, balance, weights -------------------------------------------------------------------------
@@ -469,7 +477,8 @@ def test_summary_table_has_a_row_per_class_and_totals(tmp_path):
 
 @pytest.mark.parametrize("stage", ["train", "val", "test"])
 def test_loader_batches_are_normalised_float_images_and_int_labels(tmp_path, stage):
-    dm = datamodule(make_split(tmp_path, {"a": 4, "b": 4}, {"a": 2, "b": 2}, {"a": 2, "b": 2}), img_size=24)
+    dm = datamodule(make_split(tmp_path, {"a": 4, "b": 4}, {"a": 2, "b": 2}, {"a": 2, "b": 2}),
+                    preprocessing={"input_size": (3, 24, 24)})
     images, labels = next(iter(getattr(dm, f"{stage}_dataloader")()))
     assert images.shape == (4, 3, 24, 24) and images.dtype == torch.float32
     assert labels.shape == (4,) and labels.dtype == torch.int64
@@ -480,7 +489,7 @@ def test_train_drops_the_last_batch_only_when_there_is_more_than_one(tmp_path):
     dm = datamodule(make_split(tmp_path, {"a": 3, "b": 3}, {"a": 1, "b": 1}), batch_size=4)
     assert dm.train_dataloader().drop_last
     assert not dm.val_dataloader().drop_last
-    dm.batch_size = 8
+    dm.config.batch_size = 8
     assert not dm.train_dataloader().drop_last
 
 
@@ -493,10 +502,8 @@ def test_worker_processes_persist_and_load_batches(tmp_path):
 
 
 def test_eval_transform_follows_crop_pct(tmp_path):
-    dm = datamodule(make_classes(tmp_path, {"a": 2, "b": 2}), img_size=24, crop_pct=0.5)
-    resize = dm.eval_transform().transforms[0]
-    assert resize.size == 48
-    assert dm.data_config()["crop_pct"] == 0.5
+    dm = datamodule(make_classes(tmp_path, {"a": 2, "b": 2}), preprocessing={"input_size": (3, 24, 24), "crop_pct": 0.5})
+    assert dm.eval_transform().transforms[0].size == 48
 
 
 def test_train_transform_crops_flips_and_rand_augments(tmp_path):
@@ -511,10 +518,74 @@ def test_train_transform_without_auto_augment_has_no_rand_augment(tmp_path):
 
 
 def test_train_crop_scale_sets_the_random_resized_crop_range(tmp_path):
-    dm = datamodule(make_classes(tmp_path, {"a": 2, "b": 2}), img_size=24, crop_scale=(0.6, 1.0))
+    dm = datamodule(make_classes(tmp_path, {"a": 2, "b": 2}), crop_scale=0.6)
     assert dm.train_transform().transforms[0].scale == (0.6, 1.0)
 
 
-def test_crop_scale_outside_zero_to_one_is_a_data_error(tmp_path):
-    with pytest.raises(DataError, match="crop_scale"):
-        datamodule(make_classes(tmp_path, {"a": 2, "b": 2}), crop_scale=(0.0, 1.0))
+def test_crop_scale_outside_zero_to_one_is_refused_in_one_line(tmp_path):
+    with pytest.raises(UsageError, match=r"^--crop-scale: expected a number in \(0, 1\], got 0.0$"):
+        DataConfig(data_dir=tmp_path, crop_scale=0.0)
+
+
+# --- Lightning's contract ---------------------------------------------------------------------------------
+
+
+def test_constructing_lists_the_classes_without_decoding_any_image(tmp_path):
+    make_classes(tmp_path, {"b": 2, "a": 2})
+    (tmp_path / "a" / "broken.png").write_bytes(b"not decoded yet")
+    dm = VanDataModule(DataConfig(data_dir=tmp_path), PREPROCESSING, progress=False)
+    assert dm.classes == ["a", "b"] and dm.scan is None and dm.bad_files == []
+
+
+def test_layout_is_found_from_folder_names_alone(tmp_path):
+    layout = find_layout(make_split(tmp_path, {"x": 1, "y": 1}, {"x": 1, "y": 1}))
+    assert (layout.kind, layout.classes, sorted(layout.folders)) == ("split", ["x", "y"], ["train", "val"])
+
+
+def test_scan_folder_returns_samples_bad_files_and_duplicates_and_writes_nothing(tmp_path):
+    make_classes(tmp_path, {"a": 2, "b": 2})
+    shutil.copy(tmp_path / "a" / "0.png", tmp_path / "b" / "copy.png")
+    (tmp_path / "b" / "bad.png").write_bytes(b"")
+    before = sorted(tmp_path.rglob("*"))
+    scan = scan_folder(tmp_path, progress=False)
+    assert scan.classes == ["a", "b"] and len(scan.samples["train"]) == 5
+    assert [path.name for path, _ in scan.bad_files] == ["bad.png"]
+    assert scan.duplicates == [(tmp_path / "a" / "0.png", tmp_path / "b" / "copy.png")]
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_other_processes_set_up_from_the_scan_the_main_process_left(tmp_path):
+    data = make_classes(tmp_path / "data", {"a": 4, "b": 4})
+    main = datamodule(data, run_dir=tmp_path / "run")
+    (data / "a" / "0.png").write_bytes(b"broken after the scan")  # a second scan would drop it
+    other = VanDataModule(DataConfig(data_dir=data, batch_size=4, workers=0), PREPROCESSING,
+                          run_dir=tmp_path / "run", progress=False)
+    other.setup("fit")
+    assert (other.train_samples, other.val_samples) == (main.train_samples, main.val_samples)
+
+
+def test_setup_without_a_scan_says_what_to_do(tmp_path):
+    dm = VanDataModule(DataConfig(data_dir=make_classes(tmp_path, {"a": 2, "b": 2})), PREPROCESSING)
+    with pytest.raises(DataError, match="prepare_data"):
+        dm.setup("fit")
+
+
+def test_split_file_records_every_image_with_its_class_and_split(tmp_path):
+    data = make_classes(tmp_path / "data", {"a": 3, "b": 3})
+    dm = datamodule(data, run_dir=tmp_path / "run")
+    rows = (tmp_path / "run" / "split.csv").read_text().splitlines()
+    assert rows[0] == "file,class,split" and len(rows) == 7
+    recorded = {tuple(row.split(",")) for row in rows[1:]}
+    assert recorded == {(p.relative_to(data).as_posix(), dm.classes[label], split)
+                        for split, samples in (("train", dm.train_samples), ("val", dm.val_samples))
+                        for p, label in samples}
+
+
+def test_preprocessing_comes_from_the_data_config_given(tmp_path):
+    make_classes(tmp_path, {"a": 2, "b": 2})
+    dm = VanDataModule(DataConfig(data_dir=tmp_path, batch_size=2, workers=0),
+                       dict(PREPROCESSING, input_size=(3, 48, 48), mean=(0.0,) * 3, std=(1.0,) * 3), progress=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch, _ = next(iter(dm.val_dataloader()))
+    assert batch.shape[-2:] == (48, 48) and batch.min() >= 0.0

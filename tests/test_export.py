@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import timm
@@ -11,9 +12,10 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 import van_app
+from van_app.config import DataConfig
 from van_app.data import VanDataModule
-from van_app.export import RunInfo, export_config, model_card
-from van_app.files import EXPORT_FILES, atomic_path, write_text
+from van_app.export import RunInfo, export_config, model_card, write_export
+from van_app.files import EXPORT_FILES, atomic_dir, atomic_path, write_text
 from van_app.model import VanSpec
 from van_app.module import model_state
 from van_app.weights import build_model, infer_spec
@@ -25,7 +27,12 @@ def read_json(path):
 
 def val_datamodule(data):
     """The data module the run used (same seed and split), to read its validation images."""
-    return VanDataModule(data, img_size=32, batch_size=4, workers=0, progress=False)
+    preprocessing = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                     "crop_pct": 0.9}
+    dm = VanDataModule(DataConfig(data_dir=data, batch_size=4, workers=0), preprocessing, progress=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
 
 
 def test_export_holds_every_file(trained):
@@ -106,11 +113,11 @@ def test_model_card_has_hub_metadata(trained):
 
 
 def test_model_card_explains_labels_loading_and_reproduction(trained):
-    data, out, _ = trained
+    _, out, _ = trained
     text = ModelCard.load(out / "README.md").text
     assert "| 2 | owl |" in text
     assert "van_app.load_model(" in text and "python app.py --model" in text
-    assert f"van-finetune --data {data}" in text
+    assert "van-finetune --data pets --batch-size 4" in text
 
 
 def test_reload_reproduces_the_validation_accuracy(trained):
@@ -124,7 +131,8 @@ def test_reload_reproduces_the_validation_accuracy(trained):
 
 def test_reload_gives_exactly_the_best_checkpoints_logits(trained):
     data, out, _ = trained
-    state = model_state(torch.load(out / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True))
+    best = out.with_name(f"{out.name}.run") / "checkpoints" / "best.ckpt"
+    state = model_state(torch.load(best, map_location="cpu", weights_only=True))
     trained_model = build_model(infer_spec(state)[0], 3)
     trained_model.load_state_dict(state)
     batch, _ = next(iter(val_datamodule(data).val_dataloader()))
@@ -171,7 +179,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     (None, None, "trained from random initialisation"),
     ("Visual-Attention-Network/VAN-Tiny-original",
      None, "fine-tuned from [Visual-Attention-Network/VAN-Tiny-original](https://huggingface.co/"),
-    (None, "runs/first", "fine-tuned from the local weights `runs/first`"),
+    (None, "first", "fine-tuned from the local weights <code>first</code>"),
 ])
 def test_model_card_says_where_training_started(base_model, local_start, says):
     model = build_model(VanSpec((8, 16, 24, 32), (1, 1, 1, 1), (4, 4, 4, 4)), 2)
@@ -180,4 +188,89 @@ def test_model_card_says_where_training_started(base_model, local_start, says):
     config = export_config(model, ["a", "b"], {"input_size": (3, 32, 32), "interpolation": "bicubic",
                                                "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.9}, run)
     metrics = {"val_acc": 0.5, "val_f1": 0.5, "val_loss": 1.0, "epochs": 1, "images_seen": 8}
-    assert says in model_card(config, metrics, run, "m").text
+    assert says in model_card(config, metrics, "m").text
+
+
+def tiny_model_config(labels, run):
+    """config.json of a small random model with ``labels``, as the export writes it."""
+    model = build_model(VanSpec((8, 16, 24, 32), (1, 1, 1, 1), (4, 4, 4, 4)), len(labels))
+    return model, export_config(model, labels, {"input_size": (3, 32, 32), "interpolation": "bicubic",
+                                                "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.9}, run)
+
+
+RUN = RunInfo(data_name="d", data_summary={}, training_args={}, command="van-finetune --data d")
+METRICS = {"val_acc": 0.5, "val_f1": 0.5, "val_loss": 1.0, "epochs": 8, "best_epoch": 5, "images_seen": 8}
+
+
+def test_config_lists_the_export_files(trained):
+    _, out, _ = trained
+    assert read_json(out / "config.json")["files"] == list(EXPORT_FILES)
+
+
+def test_export_holds_no_absolute_path(trained):
+    data, out, _ = trained
+    for path in out.iterdir():
+        if path.suffix in (".json", ".md", ".txt"):
+            text = path.read_text()
+            assert str(data.parent) not in text and str(out.parent) not in text, path.name
+
+
+def test_export_records_the_data_folder_name_and_class_counts(trained):
+    _, out, _ = trained
+    training = read_json(out / "config.json")["training"]
+    assert training["data_name"] == "pets"
+    assert training["data_summary"]["per_class"]["owl"] == {"train": 6, "val": 2, "test": 0}
+
+
+def test_card_names_the_epoch_of_the_exported_weights(trained):
+    _, out, _ = trained
+    best = read_json(out / "metrics.json")["best_epoch"]
+    assert f"| exported weights | epoch {best + 1} of 2 (best validation accuracy) |" in (out / "README.md").read_text()
+
+
+def test_card_tables_escape_label_text():
+    labels = ["a|b", "two\nlines", "<b>bold</b>", "<img src=x onerror=alert(1)>"]
+    _, config = tiny_model_config(labels, RUN)
+    text = model_card(config, METRICS, "m").text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 4 and all(row.replace("\\|", "").count("|") == 8 for row in rows)
+    assert "<b>" not in text and "<img" not in text and "&lt;b&gt;bold&lt;/b&gt;" in text
+
+
+def test_card_of_a_random_start_says_why_and_links_nothing():
+    run = RunInfo(data_name="d", data_summary={}, training_args={}, command="van-finetune --data d",
+                  note="official van_b2 weights not available (offline)")
+    _, config = tiny_model_config(["a", "b"], run)
+    card = model_card(config, METRICS, "m")
+    assert "trained from random initialisation (official van_b2 weights not available (offline))" in card.text
+    assert "huggingface.co/" not in card.text and "base_model" not in card.data.to_dict()
+
+
+def test_failed_export_leaves_the_previous_export_as_it_was(trained, tmp_path, monkeypatch):
+    _, out, _ = trained
+    export = shutil.copytree(out, tmp_path / "export")
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+    model, _ = tiny_model_config(["cat", "dog", "owl"], RUN)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("van_app.export.plot_confusion", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_export(export, model, ["cat", "dog", "owl"], model.pretrained_cfg, {"val_acc": 1.0, "val_loss": 0.0},
+                     {}, RUN)
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_a_reader_sees_the_old_export_until_the_new_one_is_whole(tmp_path):
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text("old")
+    with atomic_dir(tmp_path / "export") as new:
+        (new / "config.json").write_text("new")
+        (new / "model.safetensors").write_text("new weights")
+        assert [p.name for p in (tmp_path / "export").iterdir()] == ["config.json"]
+        assert (tmp_path / "export" / "config.json").read_text() == "old"
+    assert {p.name: p.read_text() for p in (tmp_path / "export").iterdir()} == {
+        "config.json": "new", "model.safetensors": "new weights"}
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import shutil
 import signal
 import subprocess
 import time
 from types import SimpleNamespace
 
+import huggingface_hub.constants
 import pytest
 import torch
 
 import van_app
 from conftest import TINY_RUN, commits, committed_files, fake_hub, hub_env, make_image_folders, run_cli
-from van_app.cli import build_parser, main
+from van_app.cli import build_parser, main, newest_checkpoint, parse_config
+from van_app.config import TrainConfig
+from van_app.errors import CheckpointError, UsageError
 from van_app.files import EXPORT_FILES
 from van_app.model import VARIANTS
-from van_app.module import FreezeBackbone, VanClassifier, cosine_with_warmup, create_classifier, parameter_groups
+from van_app.module import (AtomicCheckpointIO, FreezeBackbone, VanClassifier, cosine_with_warmup, create_classifier,
+                            parameter_groups)
 from van_app.weights import build_model
 
 OPTIONS = ["--ema", "--ema-decay", "0.9", "--freeze-epochs", "1", "--mixup", "0.2", "--cutmix", "0.2",
@@ -46,9 +53,142 @@ def test_help_groups_options_and_shows_defaults():
     assert "(default: van_b0)" in text and "(default: auto)" in text
 
 
+def test_help_shows_every_default_once():
+    for action in build_parser()._actions:
+        if action.dest not in ("help", "data_dir"):
+            assert action.help.count("(default:") == 1, action.dest
+
+
 def test_only_data_is_required():
-    args = build_parser().parse_args(["--data", "photos"])
-    assert (args.model, args.pretrained, args.epochs, args.img_size) == ("van_b0", "auto", 10, 224)
+    config = parse_config(["--data", "photos"])
+    assert (config.model.model, config.model.pretrained, config.train.epochs, config.model.img_size) == (
+        "van_b0", "auto", 10, 224)
+
+
+def test_each_default_comes_from_the_config_dataclasses():
+    assert parse_config(["--data", "photos"]).train == TrainConfig()
+
+
+def test_config_built_in_python_is_checked_like_the_command_line():
+    with pytest.raises(UsageError, match=r"^--epochs: expected an integer from 1 to 100000, got 0$"):
+        TrainConfig(epochs=0)
+
+
+@pytest.mark.parametrize("option", [
+    ["--epochs", "0"], ["--epochs", "-1"], ["--accumulate", "0"], ["--accelerator", "quantum"],
+    ["--strategy", "nonsense"], ["--devices", "0"], ["--devices", "many"], ["--num-nodes", "0"],
+    ["--auto-augment", "garbage"], ["--drop-path", "5"], ["--ema-decay", "2"], ["--label-smoothing", "5"],
+    ["--img-size", "7"], ["--mixup", "-1"], ["--cutmix", "-0.5"], ["--freeze-epochs", "-1"],
+    ["--warmup-epochs", "-1"], ["--layer-decay", "0"], ["--workers", "-1"], ["--patience", "0"],
+    ["--crop-pct", "2"], ["--crop-scale", "0"], ["--lr", "0"], ["--lr", "nan"], ["--batch-size", "0"],
+    ["--val-split", "1"], ["--save-every-steps", "0"], ["--push-to-hub", "no repo"], ["--precision", "8"],
+])
+def test_bad_option_is_one_line_before_the_data_folder_is_read(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data", str(tmp_path / "missing"), *option])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: argument {option[0]}: ") and "van-finetune --help" in err
+
+
+def test_console_script_bad_option_exits_2_with_one_line(tmp_path):
+    result = run_cli("van-finetune", "--data", str(tmp_path), "--epochs", "0")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: argument --epochs: expected an integer") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_accelerator_this_machine_lacks_is_one_line_before_the_scan(tmp_path, capsys):
+    data = make_two_classes(tmp_path / "d")
+    assert main(["--data", str(data), *TINY_RUN, "--accelerator", "gpu", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: the Trainer cannot run with these hardware options")
+    assert "Checking images" not in err
+
+
+def test_output_inside_a_file_is_one_line(tmp_path, capsys):
+    data = make_two_classes(tmp_path / "d")
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["--data", str(data), *TINY_RUN, "--output", str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Not a directory" in err
+
+
+def test_output_that_is_not_an_export_is_never_replaced(tmp_path, capsys):
+    data = make_two_classes(tmp_path / "d")
+    (tmp_path / "documents").mkdir()
+    (tmp_path / "documents" / "thesis.txt").write_text("years of work")
+    args = ["--data", str(data), *TINY_RUN, "--output", str(tmp_path / "documents"), "--overwrite"]
+    assert main(args) == 2
+    assert "exists and is not a van_app export" in capsys.readouterr().err
+    assert (tmp_path / "documents" / "thesis.txt").read_text() == "years of work"
+
+
+def test_full_disk_during_export_is_one_line_and_keeps_the_previous_export(trained, tmp_path, capsys, monkeypatch):
+    data, out, _ = trained
+    export = shutil.copytree(out, tmp_path / "export")
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[1]))
+
+    monkeypatch.setattr("van_app.export.save_file", full_disk)
+    assert main(["--data", str(data), *TINY_RUN, "--output", str(export), "--overwrite"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: ") and "No space left on device (free some space" in err[-1]
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "export.run"]
+
+
+def test_resume_skips_a_truncated_checkpoint_for_the_newest_readable_one(trained, tmp_path, caplog):
+    _, out, _ = trained
+    folder = shutil.copytree(run_folder(out) / "checkpoints", tmp_path / "checkpoints")
+    last = folder / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING):
+        assert newest_checkpoint(folder) == folder / "best.ckpt"
+    assert "last.ckpt" in caplog.text and "resuming from best.ckpt" in caplog.text
+
+
+def test_resume_with_no_readable_checkpoint_says_to_start_over(tmp_path):
+    (tmp_path / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(UsageError, match=r"no readable checkpoint .*last.ckpt.*start over with --overwrite"):
+        newest_checkpoint(tmp_path)
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, target)
+
+    def full_disk(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 2}, target)
+    assert torch.load(target, weights_only=True)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_143_within_seconds(tmp_path):
+    data = make_image_folders(tmp_path / "d", classes=("a", "b"), per_class=100, size=32)
+    out = tmp_path / "out"
+    args = ["--data", str(data), *TINY_RUN, "--batch-size", "2", "--save-every-steps", "2", "--output", str(out)]
+    checkpoints = run_folder(out) / "checkpoints"
+    process = subprocess.Popen(["van-finetune", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (checkpoints / "last.ckpt").exists() and process.poll() is None:
+        time.sleep(0.05)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143 and time.monotonic() - sent < 20
+    assert err.splitlines()[-1].startswith("error: stopped by SIGTERM at epoch 1")
+    stopped = torch.load(checkpoints / "interrupted.ckpt", map_location="cpu", weights_only=True)
+    assert 0 < stopped["global_step"] < 80  # 160 training images in batches of 2: 80 steps in the epoch
+    assert main([*args, "--resume"]) == 0
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 80
+    assert not (checkpoints / "interrupted.ckpt").exists()
 
 
 def test_run_prints_class_table_metrics_and_export_folder(trained):
@@ -57,15 +197,21 @@ def test_run_prints_class_table_metrics_and_export_folder(trained):
     assert f"exported to {out}" in result.stdout
 
 
+def run_folder(export):
+    """The run folder van-finetune keeps beside the export ``export``."""
+    return export.with_name(f"{export.name}.run")
+
+
 def test_run_reports_skipped_bad_files_in_one_line(trained):
     _, out, result = trained
-    assert f"skipped 1 bad files, listed in {out / 'bad_files.txt'}" in result.stderr
+    assert f"skipped 1 bad files, listed in {run_folder(out) / 'bad_files.txt'}" in result.stderr
 
 
-def test_run_keeps_best_and_last_checkpoints_and_logs(trained):
+def test_run_keeps_best_and_last_checkpoints_and_logs_beside_the_export(trained):
     _, out, _ = trained
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
-    assert (out / "logs" / "metrics.csv").is_file()
+    assert sorted(p.name for p in (run_folder(out) / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert (run_folder(out) / "logs" / "metrics.csv").is_file()
+    assert not (out / "checkpoints").exists() and not (out / "logs").exists()
 
 
 def test_split_layout_run_exports_a_loadable_model(split_run):
@@ -158,7 +304,7 @@ def test_unusable_pretrained_checkpoint_is_one_clear_error(tmp_path, capsys):
 def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path, capsys):
     data = make_two_classes(tmp_path / "d")
     assert main(["--data", str(data), *TINY_RUN, "--output", str(tmp_path / "out"), "--resume"]) == 2
-    assert capsys.readouterr().err == f"error: --resume: no {tmp_path / 'out' / 'checkpoints' / 'last.ckpt'} to continue from\n"
+    assert capsys.readouterr().err == f"error: --resume: no checkpoint in {tmp_path / 'out.run' / 'checkpoints'} to continue from\n"
 
 
 def test_earlier_run_in_output_needs_resume_or_overwrite(trained, tmp_path, capsys):
@@ -178,7 +324,7 @@ def test_resume_continues_a_killed_run_to_its_planned_step(tmp_path):
     out = tmp_path / "out"
     args = ["--data", str(data), *TINY_RUN, "--batch-size", "2", "--epochs", "2", "--save-every-steps", "2",
             "--output", str(out)]
-    last = out / "checkpoints" / "last.ckpt"
+    last = run_folder(out) / "checkpoints" / "last.ckpt"
     process = subprocess.Popen(["van-finetune", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not last.exists() and process.poll() is None:
         time.sleep(0.05)
@@ -209,6 +355,30 @@ def test_pretrained_auto_without_official_weights_warns_and_starts_random():
     assert base.model.num_classes == 3
 
 
+@pytest.fixture
+def offline_empty_cache(tmp_path, monkeypatch):
+    """No network and an empty Hugging Face cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+def test_pretrained_variant_offline_is_an_error_not_random_weights(offline_empty_cache):
+    with pytest.raises(CheckpointError, match="van_b0.*offline"):
+        create_classifier("van_micro", "van_b0", 2)
+
+
+def test_pretrained_auto_offline_says_why_it_starts_random(offline_empty_cache):
+    base = create_classifier("van_b0", "auto", 2)
+    assert base.base_model is None and "official van_b0 weights not available" in base.note
+    assert "offline" in base.note
+
+
+def test_pretrained_variant_without_official_weights_is_an_error():
+    with pytest.raises(CheckpointError, match="van_b5 has no official pretrained weights"):
+        create_classifier("van_micro", "van_b5", 2)
+
+
 def test_pretrained_export_gives_its_weights_and_a_new_head(trained):
     _, out, _ = trained
     base = create_classifier("van_b0", str(out), 2)
@@ -216,7 +386,7 @@ def test_pretrained_export_gives_its_weights_and_a_new_head(trained):
     state = base.model.state_dict()
     assert base.model.variant == "van_micro" and base.model.num_classes == 2
     assert all(torch.equal(state[k], v) for k, v in source.items() if not k.startswith("head."))
-    assert base.base_model is None and base.local_start == str(out)
+    assert base.base_model is None and base.local_start == out.name  # a name: the card never shows a local path
 
 
 def test_drop_path_reaches_the_blocks():

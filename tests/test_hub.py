@@ -34,21 +34,45 @@ def test_van_push_creates_the_repo_then_commits_once(trained, hub, monkeypatch, 
     assert "alice/pets" in result.out and TOKEN not in result.out + result.err
 
 
-def test_commit_holds_every_export_file_unchanged(trained, hub):
+def test_commit_holds_every_export_file_and_a_card_naming_the_repo(trained, hub):
     _, out, _ = trained
     push_export(out, "alice/pets", api=local_api(hub))
     files = committed_files(commits(hub)[0])
     assert sorted(files) == sorted(EXPORT_FILES)
-    assert all(files[name] == (out / name).read_bytes() for name in EXPORT_FILES)
+    assert all(files[name] == (out / name).read_bytes() for name in EXPORT_FILES if name != "README.md")
+    card = files["README.md"].decode()
+    assert 'van_app.load_model("alice/pets")' in card and '"hf-hub:alice/pets"' in card
+    assert 'load_model("export")' in (out / "README.md").read_text()  # the local card is left as it was
 
 
 def test_checkpoints_and_logs_are_never_uploaded(trained, hub, tmp_path):
     _, out, _ = trained
     export = shutil.copytree(out, tmp_path / "export")
     (export / "stray.ckpt").write_bytes(b"pickle")
-    assert list((export / "checkpoints").glob("*.ckpt")) and list((export / "logs").iterdir())
+    (export / "checkpoints").mkdir()
+    (export / "checkpoints" / "last.ckpt").write_bytes(b"pickle")
+    (export / "logs").mkdir()
+    (export / "logs" / "metrics.csv").write_text("step,loss\n")
     push_export(export, "alice/pets", api=local_api(hub))
     assert sorted(committed_files(commits(hub)[0])) == sorted(EXPORT_FILES)
+
+
+def test_push_refuses_an_incomplete_export_naming_what_is_missing(trained, hub, tmp_path):
+    _, out, _ = trained
+    export = shutil.copytree(out, tmp_path / "export")
+    (export / "README.md").unlink()
+    (export / "metrics.json").unlink()
+    with pytest.raises(HubError, match=r"incomplete van_app export, missing metrics.json, README.md"):
+        push_export(export, "alice/pets", api=local_api(hub))
+    assert not hub.requests
+
+
+def test_van_push_refuses_a_malformed_repo_id_in_one_line(trained, capsys):
+    _, out, _ = trained
+    with pytest.raises(SystemExit) as exit_:
+        push_main([str(out), "not a repo"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_token_is_written_to_no_file(trained):

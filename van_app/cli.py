@@ -1,232 +1,258 @@
 """Console scripts: ``van-finetune`` (image folders -> trained, exported, optionally pushed VAN) and ``van-push``.
 
-User mistakes (a bad data folder, an unusable checkpoint, no Hub token) end
-with one ``error: ...`` line on stderr and exit code 2, never a traceback.
+Options come from the dataclasses in ``config.py`` and are checked by argparse
+before anything slow happens. User mistakes (a bad option, data folder,
+checkpoint or output folder, no Hub token, a full disk) end with one
+``error: ...`` line on stderr and exit code 2, never a traceback. SIGTERM (what
+``kill``, schedulers and containers send) stops a run after the current batch,
+saves a checkpoint that ``--resume`` continues from, and exits with 143.
+
+A run writes two folders side by side: the run folder (checkpoints, logs, the
+list of bad files) while it trains, and the export folder, written whole when it
+ends and swapped in for the previous export, so the export is never a mix of runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import shlex
 import shutil
 import sys
 import time
 import warnings
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .data import default_workers
-from .errors import CheckpointError, DataError, HubError, UsageError
+from .config import ArgumentParser, FinetuneConfig, TrainConfig, add_options, default_of, flag_of, from_namespace
+from .errors import CheckpointError, DataError, HubError, UsageError, first_line
+from .files import EXPORT_CONFIG, EXPORT_WEIGHTS
 from .model import VARIANTS
 
-USER_ERRORS = (DataError, CheckpointError, HubError)
+USER_ERRORS = (DataError, CheckpointError, HubError, UsageError)
+EXIT_USAGE, EXIT_SIGTERM = 2, 143
+CHECKPOINTS, LOGS = "checkpoints", "logs"
+INTERRUPTED = "interrupted"  # the checkpoint written when a run is stopped by SIGTERM, Ctrl-C or an error
+# Options that only say where files go or whether to publish them: not part of how a model is made.
+_NOT_RECIPE = {"output", "run_dir", "resume", "overwrite", "push_to_hub", "private", "workers"}
 
 
-def _lr(text: str) -> float | str:
-    """``--lr``: a positive float or ``auto``."""
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``van-finetune`` argument parser, options grouped, defaults shown."""
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    """The ``van-finetune`` argument parser: one group per config dataclass, every default shown."""
+    parser = ArgumentParser(
         prog="van-finetune",
+        usage="%(prog)s --data DATA [options]",
         description="Fine-tune a Visual Attention Network on a folder of images, export it, optionally push it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", type=Path, required=True,
-                      help="DATA/<class>/<images> or DATA/train/<class> + DATA/val/<class> (+ DATA/test/<class>)")
-    data.add_argument("--img-size", type=int, default=224, help="training and inference image size")
-    data.add_argument("--val-split", type=float, default=0.2, help="validation fraction (DATA/<class> layout)")
-    data.add_argument("--balance", action=argparse.BooleanOptionalAction, default=False,
-                      help="sample classes equally often (weighted sampling)")
-    data.add_argument("--crop-scale", type=float, default=0.08,
-                      help="smallest area fraction of the training random-resized crop")
-    data.add_argument("--crop-pct", type=float, default=None,
-                      help="evaluation centre-crop fraction (default: the model's, 0.9 for VAN)")
-    data.add_argument("--auto-augment", default="rand-m9-mstd0.5-inc1", help="timm RandAugment policy, or 'none'")
-    data.add_argument("--workers", type=int, default=default_workers(), help="data-loading worker processes")
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="van_b0", choices=list(VARIANTS), help="VAN variant")
-    model.add_argument("--pretrained", default="auto",
-                       help="auto (official ImageNet weights when available), none, a checkpoint/export path or a "
-                            "Hub repo id (its architecture replaces --model)")
-    model.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
-    model.add_argument("--layer-scale-init", type=float, default=1e-2,
-                       help="initial layer scales of a randomly initialised model (official: 1e-2; "
-                            "0.1 trains much faster from scratch); pretrained weights bring their own")
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=10)
-    optim.add_argument("--batch-size", type=int, default=32, help="per device")
-    optim.add_argument("--lr", type=_lr, default=5e-4, help="peak learning rate, or 'auto' (learning-rate finder)")
-    optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decay (weights only, not norms/biases)")
-    optim.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up before the cosine decay")
-    optim.add_argument("--label-smoothing", type=float, default=0.1)
-    optim.add_argument("--freeze-epochs", type=int, default=0, help="train only the head for the first K epochs")
-    optim.add_argument("--layer-decay", type=float, default=None, help="layer-wise LR decay, e.g. 0.75")
-    optim.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
-    optim.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
-    optim.add_argument("--ema", action=argparse.BooleanOptionalAction, default=False,
-                       help="keep an exponential moving average of the weights; validate and export it")
-    optim.add_argument("--ema-decay", type=float, default=0.999)
-    optim.add_argument("--patience", type=int, default=None, help="stop after N epochs without val_acc improving")
-    optim.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
-    optim.add_argument("--seed", type=int, default=42)
-
-    hardware = parser.add_argument_group("hardware (Lightning Trainer)")
-    hardware.add_argument("--precision", default="32", choices=["32", "16-mixed", "bf16-mixed"])
-    hardware.add_argument("--accelerator", default="auto", help="auto, cpu, gpu, mps, ...")
-    hardware.add_argument("--devices", default="auto", help="number of devices or auto")
-    hardware.add_argument("--strategy", default="auto", help="auto, ddp, ...")
-    hardware.add_argument("--num-nodes", type=int, default=1)
-
-    output = parser.add_argument_group("output")
-    output.add_argument("--output", type=Path, default=None, help="export folder (default: runs/<data name>-<model>)")
-    output.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                        help="continue the interrupted run in --output from checkpoints/last.ckpt")
-    output.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                        help="discard the checkpoints of an earlier run in --output")
-    output.add_argument("--save-every-steps", type=int, default=100,
-                        help="also write checkpoints/last.ckpt every N optimizer steps (for --resume)")
-    output.add_argument("--license", default="apache-2.0", help="license in the model card")
-    output.add_argument("--push-to-hub", metavar="USER/REPO", default=None, help="upload the export to this Hub repo")
-    output.add_argument("--private", action=argparse.BooleanOptionalAction, default=False,
-                        help="create the Hub repo as private")
+    for name, cls in FinetuneConfig.GROUPS.items():
+        group = parser.add_argument_group(FinetuneConfig.TITLES[name])
+        add_options(group, cls, choices={"model": list(VARIANTS)})
     return parser
 
 
+def parse_config(argv: list[str] | None = None) -> FinetuneConfig:
+    """``van-finetune``'s command line as a checked ``FinetuneConfig`` (argparse exits with 2 on a bad value)."""
+    namespace = build_parser().parse_args(argv)
+    return FinetuneConfig(**{name: from_namespace(cls, namespace) for name, cls in FinetuneConfig.GROUPS.items()})
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``van-finetune``: train, export, print the metrics; one-line errors exit with 2."""
-    args = build_parser().parse_args(argv)
+    """``van-finetune``: train, export, print the metrics; one-line errors exit with 2, SIGTERM with 143."""
+    config = parse_config(argv)
     try:
-        return finetune(args, sys.argv[1:] if argv is None else argv)
-    except (*USER_ERRORS, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return finetune(config)
+    except USER_ERRORS as e:
+        return _fail(first_line(e))
+    except OSError as e:  # a full disk, a read-only or vanished folder: the user's to fix, not a bug
+        return _fail(os_error_line(e))
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def os_error_line(error: OSError) -> str:
+    """One line for an OS error on the user's files, with what to do about a full disk."""
+    where = f"{error.filename}: " if error.filename else ""
+    text = f"{where}{error.strerror or first_line(error)}"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += " (free some space; --resume continues from the last checkpoint)"
+    return text
 
 
 def _configure_output() -> None:
-    """Warnings as ``warning: ...`` lines; silence Lightning's hints that do not apply to small data sets."""
-    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)  # no-op when logging is configured
+    """Our warnings as ``warning: ...`` lines; silence Lightning's hints that do not apply to small data sets."""
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)  # Lightning's INFO lines keep their own handler and prefix
+    logging.basicConfig(format="warning: %(message)s", handlers=[handler])  # no-op when logging is configured
     for hint in (".*does not have many workers.*", ".*smaller than the logging interval.*",
-                 ".*Checkpoint directory .* exists and is not empty.*", ".*exists and is not empty.*",
-                 ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*", ".*your dataloader is not resumable.*"):
+                 ".*exists and is not empty.*", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+                 ".*your dataloader is not resumable.*"):
         warnings.filterwarnings("ignore", hint)
 
 
-def finetune(args: argparse.Namespace, argv: list[str]) -> int:
-    """The whole run: data, model, Trainer, export, push."""
+def prepare_folders(config: FinetuneConfig) -> Path | None:
+    """Check the export and run folders against --resume/--overwrite, make the run folder, return the resume point.
+
+    Everything here is cheap and happens before the folder scan, so a run that
+    cannot finish (no token, an occupied or unwritable folder) fails at once.
+    """
+    from .hub import require_token
+
+    export, run = config.export_dir, config.run_dir
+    checkpoints = run / CHECKPOINTS
+    if config.output.push_to_hub:
+        require_token()
+    if export.is_file() or (export.is_dir() and any(export.iterdir()) and not (export / EXPORT_CONFIG).is_file()):
+        raise UsageError(f"{export} exists and is not a van_app export; choose another --output")
+    earlier = checkpoints.is_dir() and any(checkpoints.glob("*.ckpt"))
+    if config.output.resume:
+        if not earlier:
+            raise UsageError(f"--resume: no checkpoint in {checkpoints} to continue from")
+    elif (earlier or (export / EXPORT_WEIGHTS).is_file()) and not config.output.overwrite:
+        raise UsageError(f"{export} already holds a run: pass --resume to continue it, --overwrite to start over, "
+                         f"or another --output")
+    elif config.output.overwrite:
+        for path in (checkpoints, run / LOGS):
+            shutil.rmtree(path, ignore_errors=True)
+    for folder in (run, export.parent):
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".van-write-test-{os.getpid()}"
+        probe.write_bytes(b"")  # a read-only or full file system fails here, before the scan
+        probe.unlink()
+    return newest_checkpoint(checkpoints) if config.output.resume else None
+
+
+def newest_checkpoint(folder: Path) -> Path:
+    """The readable checkpoint in ``folder`` with the most optimizer steps; unreadable ones are named and skipped."""
+    import torch
+
+    readable, broken = [], []
+    for path in sorted(folder.glob("*.ckpt")):
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            readable.append((int(checkpoint.get("global_step", 0)), path.stat().st_mtime, path))
+        except Exception as e:  # truncated zips, foreign pickles, I/O errors: any of them makes it unusable
+            broken.append(f"{path.name} ({first_line(e, 80)})")
+    if not readable:
+        raise UsageError(f"--resume: no readable checkpoint in {folder} ({'; '.join(broken)}); "
+                         f"start over with --overwrite")
+    step, _, path = max(readable)
+    if broken:
+        logging.getLogger("van_app").warning("skipped unreadable checkpoints: %s; resuming from %s (step %d)",
+                                             ", ".join(broken), path.name, step)
+    return path
+
+
+def finetune(config: FinetuneConfig) -> int:
+    """The whole run: folders, Trainer, data, model, fit, export, push."""
+    started = time.perf_counter()
+    _configure_output()
     import lightning as L
     import torch
     from lightning.pytorch.utilities import rank_zero_only
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from .data import VanDataModule
-    from .hub import require_token
-    from .module import TrainConfig, VanClassifier, create_classifier
+    from timm.data import resolve_data_config
 
-    started = time.perf_counter()
-    _configure_output()
+    from .data import VanDataModule, find_layout
+    from .module import VanClassifier, create_classifier
+
+    main_process = rank_zero_only.rank == 0
+    run = config.run_dir
+    layout = find_layout(config.data.data_dir)  # a missing or malformed data folder is reported first
+    resume_from = prepare_folders(config) if main_process else None
+    if not main_process and config.output.resume:
+        resume_from = newest_checkpoint(run / CHECKPOINTS)
     # Denormal floats (tiny activations and gradients) slow CPU training several-fold; flush them to zero.
     torch.set_flush_denormal(True)
-    main_process = rank_zero_only.rank == 0
-    out = args.output or Path("runs") / f"{args.data.expanduser().resolve().name}-{args.model}"
-    checkpoints = out / "checkpoints"
-    last = checkpoints / "last.ckpt"
-    if args.push_to_hub:
-        require_token()
-    if args.resume and not last.is_file():
-        raise UsageError(f"--resume: no {last} to continue from")
-    if not args.resume and last.is_file() and not args.overwrite:
-        raise UsageError(f"{out} already holds a run: pass --resume to continue it, --overwrite to start over, "
-                         f"or another --output")
-    if args.overwrite and not args.resume and main_process and checkpoints.exists():
-        shutil.rmtree(checkpoints)
-    L.seed_everything(args.seed, workers=True, verbose=False)
+    L.seed_everything(config.data.seed, workers=True, verbose=False)
+    trainer, best = _trainer(config, run)
 
-    dm = VanDataModule(
-        args.data, img_size=args.img_size, batch_size=args.batch_size, workers=args.workers, val_split=args.val_split,
-        seed=args.seed, balance=args.balance, auto_augment=None if args.auto_augment == "none" else args.auto_augment,
-        crop_scale=(args.crop_scale, 1.0),
-        progress=main_process, bad_files_path=out / "bad_files.txt" if main_process else None,
-    )
-    if main_process:
-        print(dm.summary_table())
-    base = create_classifier(args.model, args.pretrained, dm.num_classes, args.drop_path, args.layer_scale_init)
+    base = create_classifier(config.model.model, config.model.pretrained, len(layout.classes),
+                             config.model.drop_path, config.model.layer_scale_init)
     if base.note and main_process:
         print(f"warning: {base.note}", file=sys.stderr)
-    for key in ("mean", "std", "interpolation", "crop_pct"):
-        setattr(dm, key, base.model.pretrained_cfg[key])
-    if args.crop_pct is not None:
-        if not 0.0 < args.crop_pct <= 1.0:
-            raise UsageError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
-        dm.crop_pct = args.crop_pct
-    config = TrainConfig(lr=5e-4 if args.lr == "auto" else args.lr, weight_decay=args.weight_decay,
-                         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-                         layer_decay=args.layer_decay, mixup=args.mixup, cutmix=args.cutmix)
-    module = VanClassifier(base.model, dm.classes, vars(config))
-    trainer, best = _trainer(args, out, len(dm.train_samples))
+    size = config.model.img_size
+    base.model.pretrained_cfg = dict(base.model.pretrained_cfg, input_size=(3, size, size),
+                                     crop_pct=config.model.crop_pct or base.model.pretrained_cfg["crop_pct"])
+    dm = VanDataModule(config.data, resolve_data_config(model=base.model), run_dir=run, progress=main_process)
+    if main_process:  # scan and split now, so the table and the bad files are shown before training starts
+        dm.prepare_data()
+        dm.setup("fit")
+        print(dm.summary_table())
+        trainer.log_every_n_steps = min(50, max(1, len(dm.train_samples) // config.data.batch_size))
+    train = config.train
+    optim = replace(train, lr=TrainConfig().lr) if train.lr == "auto" else train  # the finder replaces lr
+    module = VanClassifier(base.model, dm.classes, asdict(optim))
 
-    if args.lr == "auto" and not args.resume:
+    if train.lr == "auto" and resume_from is None:
         _find_lr(trainer, module, dm)
-    trainer.fit(module, datamodule=dm, ckpt_path=last if args.resume else None)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=True)
+    except SIGTERMException:
+        if main_process:
+            _fail(f"stopped by SIGTERM at epoch {trainer.current_epoch + 1}, step {trainer.global_step}; the "
+                  f"checkpoint is in {run / CHECKPOINTS}: continue with the same command and --resume", EXIT_SIGTERM)
+        return EXIT_SIGTERM
     if not trainer.is_global_zero:
         return 0
-    return _export_and_report(args, argv, out, module, dm, best.best_model_path or str(last), base,
+    (run / CHECKPOINTS / f"{INTERRUPTED}.ckpt").unlink(missing_ok=True)  # the run went on past it
+    return _export_and_report(config, module, dm, best.best_model_path or best.last_model_path, base,
                               time.perf_counter() - started)
 
 
-def _trainer(args: argparse.Namespace, out: Path, train_images: int) -> tuple[Any, Any]:
-    """The Lightning Trainer with our callbacks and loggers, and its best-checkpoint callback."""
+def _trainer(config: FinetuneConfig, run: Path) -> tuple[Any, Any]:
+    """The Lightning Trainer with our callbacks and loggers, and its best-checkpoint callback.
+
+    Built before the folder scan, so an accelerator, device count or strategy
+    this machine cannot run is reported at once.
+    """
     import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from .module import FreezeBackbone, ThroughputBar
+    from .module import AtomicCheckpointIO, CheckpointOnInterrupt, FreezeBackbone, ThroughputBar
 
-    checkpoints = out / "checkpoints"
+    train, hardware, checkpoints = config.train, config.hardware, run / CHECKPOINTS
     # Both write last.ckpt: one after each validation, the other every N steps so a killed run can resume mid-epoch.
     best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val_acc", mode="max", save_top_k=1,
                            save_last=True, enable_version_counter=False)
-    last = ModelCheckpoint(dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=args.save_every_steps,
-                           enable_version_counter=False)
-    callbacks = [best, last, ThroughputBar()]
-    if args.freeze_epochs:
-        callbacks.append(FreezeBackbone(args.freeze_epochs))
-    if args.patience:
-        callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=args.patience))
-    if args.ema:
-        callbacks.append(EMAWeightAveraging(decay=args.ema_decay))
-    loggers = [CSVLogger(out, name="logs", version="")]
+    last = ModelCheckpoint(dirpath=checkpoints, save_top_k=0, save_last=True,
+                           every_n_train_steps=config.output.save_every_steps, enable_version_counter=False)
+    callbacks = [best, last, CheckpointOnInterrupt(checkpoints / f"{INTERRUPTED}.ckpt"), ThroughputBar()]
+    if train.freeze_epochs:
+        callbacks.append(FreezeBackbone(train.freeze_epochs))
+    if train.patience:
+        callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=train.patience))
+    if train.ema:
+        callbacks.append(EMAWeightAveraging(decay=train.ema_decay))
+    loggers = [CSVLogger(run, name=LOGS, version="")]
     if _tensorboard_installed():
-        loggers.append(TensorBoardLogger(out, name="logs", version="", default_hp_metric=False))
-    steps_per_epoch = max(1, train_images // args.batch_size)
-    trainer = L.Trainer(
-        max_epochs=args.epochs,
-        accelerator=args.accelerator,
-        devices=args.devices,
-        strategy=args.strategy,
-        num_nodes=args.num_nodes,
-        precision=args.precision,
-        accumulate_grad_batches=args.accumulate,
-        callbacks=callbacks,
-        logger=loggers,
-        default_root_dir=out,
-        log_every_n_steps=min(50, steps_per_epoch),
-        num_sanity_val_steps=0,
-        enable_model_summary=False,
-    )
+        loggers.append(TensorBoardLogger(run, name=LOGS, version="", default_hp_metric=False))
+    try:
+        trainer = L.Trainer(
+            max_epochs=train.epochs,
+            accelerator=hardware.accelerator,
+            devices=hardware.devices,
+            strategy=hardware.strategy,
+            num_nodes=hardware.num_nodes,
+            precision=hardware.precision,
+            accumulate_grad_batches=train.accumulate,
+            callbacks=callbacks,
+            logger=loggers,
+            plugins=[AtomicCheckpointIO()],
+            default_root_dir=run,
+            num_sanity_val_steps=0,
+            enable_model_summary=False,
+        )
+    except (MisconfigurationException, ValueError, RuntimeError, TypeError) as e:
+        raise UsageError(f"the Trainer cannot run with these hardware options: {first_line(e)}") from e
     return trainer, best
 
 
@@ -250,13 +276,37 @@ def _find_lr(trainer: Any, module: Any, dm: Any) -> None:
         print(f"learning rate (finder): {module.lr:.3g}")
 
 
-def _export_and_report(args: argparse.Namespace, argv: list[str], out: Path, module: Any, dm: Any, best_path: str,
-                       base: Any, wall_time: float) -> int:
+def training_record(config: FinetuneConfig, lr: float) -> tuple[dict[str, Any], str]:
+    """The options that made the model (paths reduced to their names) and the command that repeats them."""
+    args: dict[str, Any] = {}
+    command = ["van-finetune", "--data", config.data.data_dir.expanduser().resolve().name]
+    for group in FinetuneConfig.GROUPS:
+        section = getattr(config, group)
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if f.name == "lr":
+                value = lr
+            elif isinstance(value, Path) or (f.name == "pretrained" and Path(value).expanduser().exists()):
+                value = Path(value).expanduser().resolve().name  # never an absolute path of the user's machine
+            if f.name in _NOT_RECIPE or f.name == "data_dir":
+                continue
+            args[f.name] = value
+            if value != default_of(f):
+                flag = flag_of(f)
+                if isinstance(value, bool):
+                    command.append(flag if value else f"--no-{flag[2:]}")
+                else:
+                    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+                    command += [flag, "none" if value is None else text]
+    return args, shlex.join(command)
+
+
+def _export_and_report(config: FinetuneConfig, module: Any, dm: Any, best_path: str, base: Any,
+                       wall_time: float) -> int:
     """Export the best checkpoint's weights and metrics, print them, push when asked."""
     import torch
 
     from .export import RunInfo, summary_table, write_export
-    from .files import BAD_FILES
     from .hub import push_export
     from .module import model_state
     from .weights import build_model, infer_spec
@@ -268,48 +318,49 @@ def _export_and_report(args: argparse.Namespace, argv: list[str], out: Path, mod
     report = checkpoint.get("van_app", {}).get("val_report") or module.val_report
     extra = {"best_epoch": report.get("epoch"), "best_step": report.get("step"), "epochs": module.current_epoch,
              "images_seen": module.images_seen, "wall_time_s": round(module.wall_time_s(), 2)}
-    training_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    run = RunInfo(data_name=dm.data_dir.name, data_summary=dm.summary(), command=shlex.join(["van-finetune", *argv]),
-                  training_args=dict(training_args, lr=module.lr), license=args.license, base_model=base.base_model,
-                  local_start=base.local_start)
-    data_config = dict(dm.data_config(), input_size=(3, args.img_size, args.img_size))
-    metrics = write_export(out, model, dm.classes, data_config, report, extra, run, model_name=args.push_to_hub)
-    dm.write_bad_files(out / BAD_FILES)
+    training_args, command = training_record(config, module.lr)
+    run = RunInfo(data_name=dm.data_dir.name, data_summary=dm.summary(), command=command,
+                  training_args=training_args, license=config.output.license, base_model=base.base_model,
+                  local_start=base.local_start, note=base.note)
+    export = config.export_dir
+    metrics = write_export(export, model, dm.classes, dm.data_config, report, extra, run,
+                           bad_files=dm.bad_files_text(), model_name=config.output.push_to_hub)
     print(summary_table(metrics, dm.classes))
-    print(f"exported to {out} ({wall_time:.0f} s)")
-    if args.push_to_hub:
+    print(f"exported to {export} ({wall_time:.0f} s)")
+    repo = config.output.push_to_hub
+    if repo:
         try:
-            url = push_export(out, args.push_to_hub, private=args.private)
+            url = push_export(export, repo, private=config.output.private)
         except HubError as e:
-            raise HubError(f"{e}; the export in {out} is intact: retry with `van-push {out} {args.push_to_hub}`") from e
+            raise HubError(f"{e}; the export in {export} is intact: retry with `van-push {export} {repo}`") from e
         print(f"pushed to {url}")
     return 0
 
 
-def build_push_parser() -> argparse.ArgumentParser:
+def build_push_parser() -> ArgumentParser:
     """The ``van-push`` argument parser."""
-    parser = argparse.ArgumentParser(
+    from .config import REPO_ID
+
+    parser = ArgumentParser(
         prog="van-push",
         description="Upload a van-finetune export folder to a Hugging Face Hub model repo (one commit, no .ckpt).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("folder", type=Path, help="export folder written by van-finetune")
-    parser.add_argument("repo_id", metavar="USER/REPO", help="Hub model repo (created if missing)")
+    parser.add_argument("repo_id", metavar="USER/REPO", type=REPO_ID, help="Hub model repo (created if missing)")
     parser.add_argument("--private", action=argparse.BooleanOptionalAction, default=False,
-                        help="create the repo as private")
+                        help="create the repo as private (default: public)")
     return parser
 
 
 def push_main(argv: list[str] | None = None) -> int:
     """``van-push DIR USER/REPO``: one-line errors exit with 2."""
+    args = build_push_parser().parse_args(argv)
     from .hub import push_export
 
-    args = build_push_parser().parse_args(argv)
     try:
         url = push_export(args.folder, args.repo_id, private=args.private)
     except HubError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(first_line(e))
     print(f"pushed {args.folder} to {url}")
     return 0
 

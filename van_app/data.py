@@ -1,14 +1,26 @@
-"""Image folders -> checked, split, augmented batches: the one place that decides classes and label order."""
+"""Image folders -> checked, split, augmented batches: the one place that decides classes and label order.
+
+By Lightning's DataModule contract: constructing ``VanDataModule`` only lists the
+class folders (cheap, so the class count exists before the model is built);
+``prepare_data`` decodes every image once, on the main process (``scan_folder``),
+and leaves the result in the run folder for the other processes; ``setup`` splits
+(seeded, the same on every process) and records the split in ``split.csv``.
+Preprocessing comes from the model's data config (``timm.data.resolve_data_config``).
+"""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
 import logging
 import os
 import sys
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,21 +30,18 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
+from .config import DataConfig
 from .errors import DataError
-from .files import IMAGE_SUFFIXES, is_image_file, write_text
+from .files import IMAGE_SUFFIXES, is_image_file, write_json, write_text
 from .images import BadImageError, open_image
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+SCAN_FILE, SPLIT_FILE, BAD_FILES_LIST = "scan.json", "split.csv", "bad_files.txt"
 LAYOUT_HELP = "expected DATA/<class>/<images> or DATA/train/<class>/<images> + DATA/val/<class>/<images>"
 
 Sample = tuple[Path, int]
-
-
-def default_workers() -> int:
-    """Data-loader worker processes: up to 4, never more than the CPUs."""
-    return min(4, os.cpu_count() or 1)
 
 
 def is_hidden(name: str) -> bool:
@@ -146,153 +155,229 @@ class ImageDataset(Dataset):
         yield from (i for i in [index, *others] if i in self.broken)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The class folders of a data folder: ``folders`` (DATA/<class>) or ``split`` (DATA/train|val|test/<class>)."""
+
+    root: Path
+    kind: str
+    folders: dict[str, dict[str, Path]]  # split -> class name -> folder
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names, sorted: label ``i`` is ``classes[i]``."""
+        return list(self.folders["train"])
+
+
+def find_layout(data_dir: str | Path) -> Layout:
+    """The layout and class folders of ``data_dir`` (only folder names are read), or a ``DataError`` saying why not."""
+    root = Path(data_dir).expanduser().resolve()
+    if not root.exists():
+        raise DataError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"data folder is not a folder: {root}")
+    top = class_folders(root)
+    if "train" in top or "val" in top:
+        missing = [s for s in ("train", "val") if s not in top]
+        if missing:
+            present = "val" if missing == ["train"] else "train"
+            raise DataError(f"{root} has {present}/ but no {missing[0]}/ ({LAYOUT_HELP})")
+        folders = {split: class_folders(top[split]) for split in SPLITS if split in top}
+        _require_same_classes(root, folders)
+        return Layout(root, "split", folders)
+    if not top:
+        raise DataError(f"no class folders in {root} ({LAYOUT_HELP})")
+    _require_two_classes(list(top), root)
+    return Layout(root, "folders", {"train": top})
+
+
+def _require_two_classes(names: list[str], where: Path) -> None:
+    if len(names) < 2:
+        found = f"only {names[0]!r}" if names else "none"
+        raise DataError(f"need at least 2 class folders in {where}, found {found} ({LAYOUT_HELP})")
+
+
+def _require_same_classes(root: Path, folders: dict[str, dict[str, Path]]) -> None:
+    train, val = set(folders["train"]), set(folders["val"])
+    _require_two_classes(sorted(train), root / "train")
+    if train != val:
+        parts = [f"only in train: {', '.join(sorted(train - val))}" if train - val else "",
+                 f"only in val: {', '.join(sorted(val - train))}" if val - train else ""]
+        raise DataError(f"train and val have different classes ({'; '.join(p for p in parts if p)})")
+    extra = sorted(set(folders.get("test", {})) - train)
+    if extra:
+        raise DataError(f"test has classes that train lacks: {', '.join(extra)}")
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """What decoding every image of a data folder found: usable samples per folder split, bad files, file hashes."""
+
+    layout: Layout
+    samples: dict[str, list[Sample]]  # train/val/test as the folders hold them (no train/val split made yet)
+    bad_files: list[tuple[Path, str]]
+    digests: dict[Path, str]  # sha256 of every usable file
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names, sorted."""
+        return self.layout.classes
+
+    @property
+    def duplicates(self) -> list[tuple[Path, Path]]:
+        """Pairs (first file, later file) with identical contents anywhere in the folder."""
+        first: dict[str, Path] = {}
+        pairs = []
+        for path in sorted(self.digests):
+            digest = self.digests[path]
+            if digest in first:
+                pairs.append((first[digest], path))
+            else:
+                first[digest] = path
+        return pairs
+
+    def to_json(self) -> dict:
+        """A JSON-able copy, paths relative to the data folder."""
+        rel = self.relative
+        return {"root": str(self.layout.root), "kind": self.layout.kind,
+                "samples": {split: [[rel(p), label] for p, label in items] for split, items in self.samples.items()},
+                "bad_files": [[rel(p), reason] for p, reason in self.bad_files],
+                "digests": {rel(p): d for p, d in self.digests.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict, layout: Layout) -> FolderScan:
+        """The scan written by ``to_json`` for the data folder of ``layout``."""
+        root = layout.root
+        return cls(layout, {split: [(root / p, int(label)) for p, label in items]
+                            for split, items in data["samples"].items()},
+                   [(root / p, reason) for p, reason in data["bad_files"]],
+                   {root / p: d for p, d in data["digests"].items()})
+
+    def relative(self, path: Path) -> str:
+        """``path`` relative to the data folder, with forward slashes."""
+        return path.relative_to(self.layout.root).as_posix()
+
+
+def scan_folder(data_dir: str | Path, *, workers: int | None = None, progress: bool = True) -> FolderScan:
+    """Decode every image under the class folders of ``data_dir`` once: samples, bad files and file hashes.
+
+    Pure: reads the folder, writes nothing. Raises ``DataError`` for a folder that
+    cannot be trained on (missing, fewer than 2 classes, a class without images).
+    """
+    layout = find_layout(data_dir)
+    index = {name: i for i, name in enumerate(layout.classes)}
+    files = {split: _list_files(layout, split) for split in layout.folders}
+    every = [path for by_class in files.values() for paths in by_class.values() for path in paths]
+    digests, bad_files = check_images(every, workers=workers, progress=progress)
+    samples = {split: [(p, index[name]) for name, paths in by_class.items() for p in paths if p in digests]
+               for split, by_class in files.items()}
+    _require_valid_images(layout, samples, files)
+    return FolderScan(layout, samples, bad_files, digests)
+
+
+def _list_files(layout: Layout, split: str) -> dict[str, list[Path]]:
+    files = {name: find_images(folder) for name, folder in layout.folders[split].items()}
+    if split != "test":
+        for name, paths in files.items():
+            if not paths:
+                where = name if layout.kind == "folders" else f"{split}/{name}"
+                raise DataError(f"class folder {where} has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def _require_valid_images(layout: Layout, samples: dict[str, list[Sample]],
+                          files: dict[str, dict[str, list[Path]]]) -> None:
+    for split in ("train", "val") if layout.kind == "split" else ("train",):
+        counts = Counter(label for _, label in samples[split])
+        for label, name in enumerate(layout.classes):
+            n = counts[label]
+            where = f"class {name!r}" + (f" in {split}" if layout.kind == "split" else "")
+            if n == 0:
+                raise DataError(f"{where} has no valid images ({len(files[split][name])} bad files)")
+            if layout.kind == "folders" and n < 2:
+                raise DataError(f"{where} has 1 valid image; at least 2 are needed to split it into train and val")
+
+
 class VanDataModule(lightning.LightningDataModule):
-    """Scans, checks and splits an image-folder dataset when constructed; serves timm-augmented loaders.
+    """Image-folder data for a VAN: classes when constructed, the scan in ``prepare_data``, the split in ``setup``.
 
     Layouts: ``DATA/<class>/...`` (stratified seeded split by ``val_split``) or ``DATA/train/<class>/...`` +
     ``DATA/val/<class>/...`` (+ optional ``DATA/test/<class>/...``). Classes are the sorted folder names.
-    With ``balance=True`` training draws from a seeded ``WeightedRandomSampler``; under DDP Lightning's default
-    ``use_distributed_sampler=True`` wraps it in ``DistributedSamplerWrapper``, and the fixed seed makes every rank
-    draw the same sequence, so ranks take disjoint shares of it. ``img_size``, ``mean``, ``std``, ``interpolation``
-    and ``crop_pct`` are read when a loader is built, so they may be changed after the scan (to a model's config).
-    With ``bad_files_path`` the skipped files are written there at once and the summary line names it.
+    ``data_config`` is the model's preprocessing as ``timm.data.resolve_data_config(model=model)`` gives it
+    (input size, interpolation, mean, std, crop). With ``run_dir`` the scan (for the other processes), the bad
+    files and the split are written there. With ``balance=True`` training draws from a seeded
+    ``WeightedRandomSampler``; under DDP Lightning's default ``use_distributed_sampler=True`` wraps it in
+    ``DistributedSamplerWrapper``, and the fixed seed makes every rank draw the same sequence, so ranks take
+    disjoint shares of it.
     """
 
-    def __init__(
-        self,
-        data_dir: str | Path,
-        *,
-        img_size: int = 224,
-        batch_size: int = 32,
-        workers: int | None = None,
-        val_split: float = 0.2,
-        seed: int = 42,
-        balance: bool = False,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.5, 0.5, 0.5),
-        interpolation: str = "bicubic",
-        crop_pct: float = 0.9,
-        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
-        crop_scale: tuple[float, float] = (0.08, 1.0),
-        scan_workers: int | None = None,
-        progress: bool = True,
-        bad_files_path: str | Path | None = None,
-    ) -> None:
+    def __init__(self, config: DataConfig, data_config: dict, *, run_dir: str | Path | None = None,
+                 progress: bool = True) -> None:
         super().__init__()
-        if img_size < 1 or batch_size < 1:
-            raise DataError(f"img_size and batch_size must be positive, got {img_size} and {batch_size}")
-        if not 0.0 < val_split < 1.0:
-            raise DataError(f"val_split must be between 0 and 1, got {val_split}")
-        if not 0.0 < crop_pct <= 1.0:
-            raise DataError(f"crop_pct must be in (0, 1], got {crop_pct}")
-        if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
-            raise DataError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
-        self.data_dir = Path(data_dir).expanduser().resolve()
-        self.img_size, self.batch_size, self.seed, self.balance = img_size, batch_size, seed, balance
-        self.workers = default_workers() if workers is None else max(0, workers)
-        self.val_split = val_split
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.interpolation, self.crop_pct, self.auto_augment = interpolation, crop_pct, auto_augment
-        self.crop_scale = tuple(crop_scale)
-
-        self.layout, folders = self._find_layout()
-        self.classes: list[str] = list(folders["train"])
+        self.config = config
+        self.data_config = dict(data_config)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.progress = progress
+        self.layout = find_layout(config.data_dir)
+        self.data_dir = self.layout.root
+        self.classes: list[str] = self.layout.classes
         self.class_to_idx: dict[str, int] = {name: i for i, name in enumerate(self.classes)}
-        files = {split: self._list_files(split, by_class) for split, by_class in folders.items()}
-        every = [path for by_class in files.values() for paths in by_class.values() for path in paths]
-        digests, bad_files = check_images(every, workers=scan_workers, progress=progress)
-        self.bad_files: list[tuple[Path, str]] = bad_files
-        samples = {
-            split: [(p, self.class_to_idx[name]) for name, paths in by_class.items() for p in paths if p in digests]
-            for split, by_class in files.items()
-        }
-        self._require_valid_images(samples, files)
-        if self.layout == "folders":
-            samples["train"], samples["val"] = stratified_split(samples["train"], self.classes, val_split, seed)
-        self.train_samples: list[Sample] = samples["train"]
-        self.val_samples: list[Sample] = samples["val"]
-        self.test_samples: list[Sample] = samples.get("test", [])
-        self.duplicates = self._find_duplicates(digests)
-        self._report(bad_files_path)
+        self.scan: FolderScan | None = None
+        self.train_samples: list[Sample] = []
+        self.val_samples: list[Sample] = []
+        self.test_samples: list[Sample] = []
+        self.duplicates: list[tuple[Path, Path]] = []
 
-    # --- scanning -------------------------------------------------------------------------------------------
+    # --- Lightning's hooks ----------------------------------------------------------------------------------
 
-    def _find_layout(self) -> tuple[str, dict[str, dict[str, Path]]]:
-        root = self.data_dir
-        if not root.exists():
-            raise DataError(f"data folder not found: {root}")
-        if not root.is_dir():
-            raise DataError(f"data folder is not a folder: {root}")
-        top = class_folders(root)
-        if "train" in top or "val" in top:
-            missing = [s for s in ("train", "val") if s not in top]
-            if missing:
-                present = "val" if missing == ["train"] else "train"
-                raise DataError(f"{root} has {present}/ but no {missing[0]}/ ({LAYOUT_HELP})")
-            folders = {split: class_folders(top[split]) for split in SPLITS if split in top}
-            self._require_same_classes(folders)
-            return "split", folders
-        if not top:
-            raise DataError(f"no class folders in {root} ({LAYOUT_HELP})")
-        self._require_two_classes(list(top), root)
-        return "folders", {"train": top}
+    def prepare_data(self) -> None:
+        """Scan the folder once (main process only), report bad files, leave the scan in the run folder."""
+        if self.scan is not None:
+            return
+        self.scan = scan_folder(self.data_dir, progress=self.progress)
+        if self.run_dir is not None:
+            write_json(self.run_dir / SCAN_FILE, self.scan.to_json())
+            write_text(self.run_dir / BAD_FILES_LIST, self.bad_files_text())
+        if self.scan.bad_files:
+            where = f"listed in {self.run_dir / BAD_FILES_LIST}" if self.run_dir is not None else (
+                "first: {}: {}".format(*self.scan.bad_files[0]))
+            log.warning("skipped %d bad files, %s", len(self.scan.bad_files), where)
 
-    @staticmethod
-    def _require_two_classes(names: list[str], where: Path) -> None:
-        if len(names) < 2:
-            found = f"only {names[0]!r}" if names else "none"
-            raise DataError(f"need at least 2 class folders in {where}, found {found} ({LAYOUT_HELP})")
-
-    def _require_same_classes(self, folders: dict[str, dict[str, Path]]) -> None:
-        train, val = set(folders["train"]), set(folders["val"])
-        self._require_two_classes(sorted(train), self.data_dir / "train")
-        if train != val:
-            parts = [f"only in train: {', '.join(sorted(train - val))}" if train - val else "",
-                     f"only in val: {', '.join(sorted(val - train))}" if val - train else ""]
-            raise DataError(f"train and val have different classes ({'; '.join(p for p in parts if p)})")
-        extra = sorted(set(folders.get("test", {})) - train)
-        if extra:
-            raise DataError(f"test has classes that train lacks: {', '.join(extra)}")
-
-    def _list_files(self, split: str, by_class: dict[str, Path]) -> dict[str, list[Path]]:
-        files = {name: find_images(folder) for name, folder in by_class.items()}
-        if split != "test":
-            for name, paths in files.items():
-                if not paths:
-                    where = name if self.layout == "folders" else f"{split}/{name}"
-                    raise DataError(f"class folder {where} has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return files
-
-    def _require_valid_images(self, samples: dict[str, list[Sample]], files: dict[str, dict[str, list[Path]]]) -> None:
-        for split in ("train", "val") if self.layout == "split" else ("train",):
-            counts = Counter(label for _, label in samples[split])
-            for name, label in self.class_to_idx.items():
-                n = counts[label]
-                where = f"class {name!r}" + (f" in {split}" if self.layout == "split" else "")
-                if n == 0:
-                    raise DataError(f"{where} has no valid images ({len(files[split][name])} bad files)")
-                if self.layout == "folders" and n < 2:
-                    raise DataError(f"{where} has 1 valid image; at least 2 are needed to split it into train and val")
-
-    def _find_duplicates(self, digests: dict[Path, str]) -> list[tuple[Path, Path]]:
+    def setup(self, stage: str | None = None) -> None:
+        """Split the scanned samples (seeded: the same on every process) and record the split."""
+        if self.train_samples:
+            return
+        if self.scan is None:
+            self.scan = self._read_scan()
+        samples = dict(self.scan.samples)
+        if self.layout.kind == "folders":
+            samples["train"], samples["val"] = stratified_split(samples["train"], self.classes,
+                                                                self.config.val_split, self.config.seed)
+        self.train_samples, self.val_samples = samples["train"], samples["val"]
+        self.test_samples = samples.get("test", [])
+        digests = self.scan.digests
         in_train: dict[str, Path] = {}
         for path, _ in self.train_samples:
             in_train.setdefault(digests[path], path)
-        return [(in_train[digests[path]], path) for path, _ in self.val_samples if digests[path] in in_train]
+        self.duplicates = [(in_train[digests[p]], p) for p, _ in self.val_samples if digests[p] in in_train]
+        if self._is_main_process():
+            if self.duplicates:
+                train, val = self.duplicates[0]
+                log.warning("%d val images are exact copies of train images (first: %s = %s)",
+                            len(self.duplicates), val, train)
+            if self.run_dir is not None:
+                write_text(self.run_dir / SPLIT_FILE, self.split_csv())
 
-    def _report(self, bad_files_path: str | Path | None) -> None:
-        if self.bad_files:
-            if bad_files_path is not None:
-                self.write_bad_files(Path(bad_files_path))
-                log.warning("skipped %d bad files, listed in %s", len(self.bad_files), bad_files_path)
-            else:
-                path, reason = self.bad_files[0]
-                log.warning("skipped %d bad files (first: %s: %s)", len(self.bad_files), path, reason)
-        if self.duplicates:
-            train, val = self.duplicates[0]
-            log.warning(
-                "%d val images are exact copies of train images (first: %s = %s)", len(self.duplicates), val, train
-            )
+    def _read_scan(self) -> FolderScan:
+        """The scan another process left in the run folder (``prepare_data`` runs on the main process only)."""
+        path = self.run_dir / SCAN_FILE if self.run_dir is not None else None
+        if path is None or not path.is_file():
+            raise DataError("no scan of the data folder: call prepare_data() first (Lightning does, in fit)")
+        return FolderScan.from_json(json.loads(path.read_text(encoding="utf-8")), self.layout)
+
+    def _is_main_process(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        return trainer is None or trainer.is_global_zero
 
     # --- reports --------------------------------------------------------------------------------------------
 
@@ -301,12 +386,26 @@ class VanDataModule(lightning.LightningDataModule):
         """How many classes the model must predict."""
         return len(self.classes)
 
-    def write_bad_files(self, path: Path) -> None:
-        """Atomically write the skipped files as ``path<TAB>reason`` lines (paths relative to the data folder)."""
+    @property
+    def bad_files(self) -> list[tuple[Path, str]]:
+        """The files the scan skipped, with the reason (empty before ``prepare_data``)."""
+        return self.scan.bad_files if self.scan is not None else []
+
+    def bad_files_text(self) -> str:
+        """The skipped files as ``path<TAB>reason`` lines (paths relative to the data folder), under a header."""
         lines = [f"# {len(self.bad_files)} bad image files skipped: path (relative to the data folder), tab, reason"]
-        for bad, reason in self.bad_files:
-            lines.append(f"{bad.relative_to(self.data_dir).as_posix()}\t{reason}")
-        write_text(Path(path), "\n".join(lines) + "\n")
+        lines += [f"{bad.relative_to(self.data_dir).as_posix()}\t{reason}" for bad, reason in self.bad_files]
+        return "\n".join(lines) + "\n"
+
+    def split_csv(self) -> str:
+        """``file,class,split`` rows (files relative to the data folder), so the held-out images can be found again."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["file", "class", "split"])
+        for split, samples in self._splits().items():
+            writer.writerows((path.relative_to(self.data_dir).as_posix(), self.classes[label], split)
+                             for path, label in samples)
+        return out.getvalue()
 
     def class_counts(self) -> dict[str, dict[str, int]]:
         """Images per class and split: ``{class: {"train": n, "val": n, "test": n}}``."""
@@ -326,7 +425,7 @@ class VanDataModule(lightning.LightningDataModule):
     def summary(self) -> dict:
         """JSON-able description of the data: layout, classes, counts per split and class, problems found."""
         return {
-            "layout": self.layout,
+            "layout": self.layout.kind,
             "num_classes": self.num_classes,
             "classes": list(self.classes),
             "counts": {split: len(samples) for split, samples in self._splits().items()},
@@ -340,56 +439,37 @@ class VanDataModule(lightning.LightningDataModule):
         counts = torch.bincount(torch.tensor([label for _, label in self.train_samples]), minlength=self.num_classes)
         return (len(self.train_samples) / (self.num_classes * counts.clamp(min=1))).float()
 
-    def data_config(self) -> dict:
-        """The evaluation preprocessing, in timm's ``pretrained_cfg`` terms, for exports and inference."""
-        return {
-            "input_size": (3, self.img_size, self.img_size),
-            "interpolation": self.interpolation,
-            "mean": self.mean,
-            "std": self.std,
-            "crop_pct": self.crop_pct,
-        }
-
     def _splits(self) -> dict[str, list[Sample]]:
         return {"train": self.train_samples, "val": self.val_samples, "test": self.test_samples}
 
     # --- loaders --------------------------------------------------------------------------------------------
 
     def train_transform(self) -> Callable:
-        """Random-resized crop, flip and RandAugment (timm), then normalisation."""
-        return create_transform(
-            self.img_size,
-            is_training=True,
-            scale=self.crop_scale,
-            auto_augment=self.auto_augment,
-            interpolation=self.interpolation,
-            mean=self.mean,
-            std=self.std,
-        )
+        """Random-resized crop, flip and the augmentation policy (timm), then the model's normalisation."""
+        cfg = self.data_config
+        return create_transform(cfg["input_size"], is_training=True, scale=(self.config.crop_scale, 1.0),
+                                auto_augment=self.config.auto_augment, interpolation=cfg["interpolation"],
+                                mean=cfg["mean"], std=cfg["std"])
 
     def eval_transform(self) -> Callable:
-        """Resize by ``1 / crop_pct`` and centre-crop (timm), then normalisation."""
-        return create_transform(
-            self.img_size,
-            is_training=False,
-            interpolation=self.interpolation,
-            mean=self.mean,
-            std=self.std,
-            crop_pct=self.crop_pct,
-        )
+        """The model's evaluation preprocessing (resize by ``1 / crop_pct``, centre crop, normalisation)."""
+        cfg = self.data_config
+        return create_transform(cfg["input_size"], is_training=False, interpolation=cfg["interpolation"],
+                                mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"],
+                                crop_mode=cfg.get("crop_mode", "center"))
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (or class-balanced) augmented training batches."""
         sampler = None
-        if self.balance:
+        if self.config.balance:
             weights = self.class_weights()[[label for _, label in self.train_samples]].double()
-            generator = torch.Generator().manual_seed(self.seed)
+            generator = torch.Generator().manual_seed(self.config.seed)
             sampler = WeightedRandomSampler(weights, len(self.train_samples), replacement=True, generator=generator)
         return self._loader(
             ImageDataset(self.train_samples, self.train_transform()),
             shuffle=sampler is None,
             sampler=sampler,
-            drop_last=len(self.train_samples) > self.batch_size,
+            drop_last=len(self.train_samples) > self.config.batch_size,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -403,11 +483,12 @@ class VanDataModule(lightning.LightningDataModule):
         return self._loader(ImageDataset(self.test_samples, self.eval_transform()))
 
     def _loader(self, dataset: ImageDataset, **kwargs) -> DataLoader:
+        workers = self.config.workers
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            num_workers=self.workers,
-            persistent_workers=self.workers > 0,
+            batch_size=self.config.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             **kwargs,
         )

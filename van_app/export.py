@@ -1,16 +1,22 @@
 """A trained classifier as a Hub-ready folder: safetensors weights, timm-style config, metrics, plots, model card.
 
-Every file is written atomically (a temporary file in the same folder, then
-``os.replace``), so an interrupted export never leaves a half-written file
-behind. ``van_app.load_model(folder)`` and, after ``import van_app``,
-``timm.create_model("local-dir:FOLDER", pretrained=True)`` both rebuild the
-model with its labels.
+The export is written whole into a temporary folder beside its destination and
+swapped into place (``files.atomic_dir``): a reader, ``van-push`` or the app sees
+the previous export or the new one, never a mix, and a failed or killed export
+leaves the previous one as it was. config.json records how the model was made
+(data folder name, class counts, options, starting weights; never an absolute
+path) and lists the export's files, so the model card can be written again for
+another name (``van-push``) and an incomplete folder is recognised.
+``van_app.load_model(folder)`` and, after ``import van_app``,
+``timm.create_model("local-dir:FOLDER", pretrained=True)`` both rebuild the model
+with its labels.
 """
 
 from __future__ import annotations
 
+import html
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +24,34 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors.torch import save_file
 
 from . import __version__
+from .files import (BAD_FILES, CARD, CONFUSION_JSON, CONFUSION_PNG, EXPORT_CONFIG, EXPORT_FILES, EXPORT_WEIGHTS,
+                    METRICS, atomic_dir, atomic_path, write_json, write_text)
 from .model import VAN
-from .files import (CARD, CONFUSION_JSON, CONFUSION_PNG, EXPORT_CONFIG, EXPORT_WEIGHTS, METRICS, atomic_path,
-                    write_json)
 from .weights import infer_spec, model_args
 
 
 @dataclass
 class RunInfo:
-    """What the model card and config say about how the model was made."""
+    """How the model was made, as config.json records it and the model card tells it (no absolute paths)."""
 
     data_name: str
     data_summary: dict[str, Any]
     training_args: dict[str, Any]
     command: str
     license: str = "apache-2.0"
-    base_model: str | None = None
-    local_start: str | None = None  # a local file or folder the training started from
+    base_model: str | None = None  # the Hub repo whose weights training started from (linked in the card)
+    local_start: str | None = None  # the name of the local file or folder training started from
+    note: str | None = None  # what happened to the starting weights, e.g. official weights not available offline
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> RunInfo | None:
+        """The run recorded in an export's config.json (``None`` for exports written before it was recorded)."""
+        record = config.get("training")
+        if not isinstance(record, dict):
+            return None
+        names = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in record.items() if k in names and k != "training_args"}
+        return cls(**kept, training_args=config.get("training_args", {}))
 
 
 def export_config(model: VAN, labels: list[str], data_config: dict[str, Any], run: RunInfo) -> dict[str, Any]:
@@ -70,6 +87,8 @@ def export_config(model: VAN, labels: list[str], data_config: dict[str, Any], ru
         "label2id": {label: i for i, label in enumerate(labels)},
         "version": __version__,
         "training_args": run.training_args,
+        "training": {k: v for k, v in asdict(run).items() if k != "training_args"},
+        "files": list(EXPORT_FILES),
     }
 
 
@@ -101,8 +120,28 @@ def plot_confusion(path: Path, confusion: list[list[int]], labels: list[str]) ->
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def model_card(config: dict[str, Any], metrics: dict[str, Any], run: RunInfo, model_name: str) -> ModelCard:
-    """The README.md model card: Hub metadata (with model-index) and a human-readable body."""
+def _cell(text: Any) -> str:
+    """``text`` safe inside a Markdown table cell: one line, pipes and HTML escaped."""
+    return html.escape(" ".join(str(text).split())).replace("|", "\\|")
+
+
+def _code(text: Any) -> str:
+    """``text`` as inline code that no backtick, newline or HTML in it can break out of."""
+    return f"<code>{html.escape(' '.join(str(text).split()))}</code>"
+
+
+def _start_text(run: RunInfo) -> str:
+    """Where the weights started, as the card says it: linked only for a Hub repo they really came from."""
+    if run.base_model:
+        return f"fine-tuned from [{_cell(run.base_model)}](https://huggingface.co/{run.base_model})"
+    if run.local_start:
+        return f"fine-tuned from the local weights {_code(run.local_start)}"
+    return "trained from random initialisation" + (f" ({_cell(run.note)})" if run.note else "")
+
+
+def model_card(config: dict[str, Any], metrics: dict[str, Any], model_name: str) -> ModelCard:
+    """The README.md model card from an export's config.json and metrics.json: Hub metadata and a readable body."""
+    run = RunInfo.from_config(config) or RunInfo(data_name="unknown", data_summary={}, training_args={}, command="")
     labels = config["label_names"]
     dataset = run.data_name
     results = [EvalResult(task_type="image-classification", dataset_type="imagefolder", dataset_name=dataset,
@@ -122,23 +161,20 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any], run: RunInfo, mo
         eval_results=results,
     )
     counts = run.data_summary.get("per_class", {})
-    rows = "\n".join(f"| {i} | {label} | {counts.get(label, {}).get('train', '')} | "
+    rows = "\n".join(f"| {i} | {_cell(label)} | {counts.get(label, {}).get('train', '')} | "
                      f"{counts.get(label, {}).get('val', '')} | {metrics.get(f'val_precision_{label}', 0):.3f} | "
                      f"{metrics.get(f'val_recall_{label}', 0):.3f} | {metrics.get(f'val_f1_{label}', 0):.3f} |"
                      for i, label in enumerate(labels))
-    if run.base_model:
-        start = f"fine-tuned from [{run.base_model}](https://huggingface.co/{run.base_model})"
-    elif run.local_start:
-        start = f"fine-tuned from the local weights `{run.local_start}`"
-    else:
-        start = "trained from random initialisation"
+    best, epochs = metrics.get("best_epoch"), metrics.get("epochs", "")
+    weights_from = f"epoch {best + 1} of {epochs} (best validation accuracy)" if isinstance(best, int) else ""
+    name = json.dumps(model_name)  # a Python/JSON string literal, safe inside the code blocks below
     body = f"""
-# {model_name}
+# {_cell(model_name)}
 
-A Visual Attention Network ({config['variant']}) image classifier for {len(labels)} classes, {start}
-with [VAN Studio](https://arxiv.org/abs/2202.09741) (`van_app` {config['version']}) on the image folder
-`{dataset}`. Input: {config['image_size']}x{config['image_size']} RGB, {config['interpolation']} resize,
-centre crop {config['crop_pct']}, mean {config['mean']}, std {config['std']}.
+A Visual Attention Network ({_cell(config['variant'])}) image classifier for {len(labels)} classes,
+{_start_text(run)}, with [VAN Studio](https://arxiv.org/abs/2202.09741) (`van_app` {config['version']})
+on the image folder {_code(dataset)}. Input: {config['image_size']}x{config['image_size']} RGB,
+{_cell(config['interpolation'])} resize, centre crop {config['crop_pct']}, mean {config['mean']}, std {config['std']}.
 
 ## Results (validation split)
 
@@ -147,7 +183,8 @@ centre crop {config['crop_pct']}, mean {config['mean']}, std {config['std']}.
 | accuracy | {metrics['val_acc']:.4f} |
 | macro F1 | {metrics.get('val_f1', float('nan')):.4f} |
 | loss | {metrics['val_loss']:.4f} |
-| epochs | {metrics.get('epochs', '')} |
+| exported weights | {weights_from} |
+| epochs trained | {epochs} |
 | images seen | {metrics.get('images_seen', '')} |
 
 ## Labels
@@ -158,9 +195,10 @@ centre crop {config['crop_pct']}, mean {config['mean']}, std {config['std']}.
 
 ## Data
 
-Layout `{run.data_summary.get('layout', '')}`; images per split: {json.dumps(run.data_summary.get('counts', {}))};
-{run.data_summary.get('bad_files', 0)} unreadable files skipped (listed in `bad_files.txt`),
-{run.data_summary.get('duplicates', 0)} validation images identical to training images.
+Layout `{_cell(run.data_summary.get('layout', ''))}`; images per split:
+{_cell(json.dumps(run.data_summary.get('counts', {})))}; {run.data_summary.get('bad_files', 0)} unreadable files
+skipped (listed in `bad_files.txt`), {run.data_summary.get('duplicates', 0)} validation images identical to
+training images.
 
 ## How to use
 
@@ -168,19 +206,19 @@ Layout `{run.data_summary.get('layout', '')}`; images per split: {json.dumps(run
 import van_app
 from PIL import Image
 
-model = van_app.load_model("{model_name}")  # this folder, or its Hub repo id
+model = van_app.load_model({name})  # this folder, or its Hub repo id
 print(van_app.predict(model, Image.open("photo.jpg")))
 ```
 
 With timm (after `import van_app`, which registers the VAN architectures):
-`timm.create_model("hf-hub:{model_name}", pretrained=True)` or `"local-dir:PATH"` for a local copy.
+`timm.create_model({json.dumps("hf-hub:" + model_name)}, pretrained=True)` or `"local-dir:PATH"` for a local copy.
 
-Open it in the VAN Studio app: `python app.py --model {model_name}`
+Open it in the VAN Studio app: `python app.py --model {_cell(model_name)}`
 
 ## Reproduce
 
 ```bash
-{run.command}
+{run.command.replace("`", "'")}
 ```
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
@@ -194,24 +232,24 @@ def write_export(
     report: dict[str, Any],
     extra_metrics: dict[str, Any],
     run: RunInfo,
+    *,
+    bad_files: str = "",
     model_name: str | None = None,
 ) -> dict[str, Any]:
-    """Write the export files (all but bad_files.txt, the data module's) into ``out``; returns metrics.json's dict."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the whole export into a new folder and swap it in for ``out``; returns metrics.json's dict."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out / EXPORT_WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
     config = export_config(model, labels, data_config, run)
-    write_json(out / EXPORT_CONFIG, config)
     metrics = flat_metrics(report, extra_metrics)
-    write_json(out / METRICS, metrics)
     confusion = report.get("confusion_matrix") or [[0] * len(labels) for _ in labels]
-    write_json(out / CONFUSION_JSON, {"labels": list(labels), "rows": "true", "columns": "predicted",
-                                      "matrix": confusion})
-    plot_confusion(out / CONFUSION_PNG, confusion, labels)
-    card = model_card(config, metrics, run, model_name or out.name)
-    with atomic_path(out / CARD) as tmp:
-        card.save(tmp)
+    with atomic_dir(out) as folder:
+        save_file(state, str(folder / EXPORT_WEIGHTS), metadata={"format": "pt"})
+        write_json(folder / EXPORT_CONFIG, config)
+        write_json(folder / METRICS, metrics)
+        write_json(folder / CONFUSION_JSON, {"labels": list(labels), "rows": "true", "columns": "predicted",
+                                             "matrix": confusion})
+        plot_confusion(folder / CONFUSION_PNG, confusion, labels)
+        write_text(folder / BAD_FILES, bad_files or "# no bad image files\n")
+        model_card(config, metrics, model_name or out.name).save(folder / CARD)
     return metrics
 
 

@@ -2,14 +2,18 @@
 
 Every artifact is written to a temporary file beside its destination and renamed
 into place (``os.replace`` is atomic on POSIX and Windows), so a reader sees the
-old file or the new one, never half of one.
+old file or the new one, never half of one. A whole folder (an export) is written
+the same way: filled beside its destination, then swapped in with one rename.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,3 +62,47 @@ def write_text(path: Path, text: str) -> None:
 def write_json(path: Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON."""
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """A new folder beside ``path`` to fill; it replaces ``path`` whole only if the block succeeds.
+
+    Readers of ``path`` see the old folder or the new one, never a mix. A folder
+    left behind by a killed writer is removed by the next writer once it is an hour old.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes folders private to the user; exports are meant to be shared
+        _swap_into_place(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_into_place(new: Path, path: Path) -> None:
+    """Move folder ``new`` to ``path``; an existing ``path`` ends up at ``new`` (removed by the caller)."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        os.replace(new, path)  # an empty folder is replaced in one rename
+        return
+    if _exchange(new, path):
+        return
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+    os.replace(path, old / path.name)  # without an atomic exchange, readers see no folder for an instant
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

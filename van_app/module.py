@@ -11,6 +11,7 @@ checkpoint carries the exact metrics of the weights it holds.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.plugins import TorchCheckpointIO
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
@@ -33,51 +35,53 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from .config import TrainConfig
+from .files import atomic_path
 from .model import VAN, VARIANTS
 from .weights import CheckpointError, build_model, default_cfgs, infer_spec, load_model
 
 
 @dataclass
-class TrainConfig:
-    """The optimisation recipe; plain types only, so checkpoints load with ``weights_only=True``."""
-
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01
-    label_smoothing: float = 0.1
-    layer_decay: float | None = None
-    mixup: float = 0.0
-    cutmix: float = 0.0
-
-
-@dataclass
 class BaseModel:
-    """A freshly built classifier and where its starting weights came from."""
+    """A freshly built classifier and where its starting weights really came from."""
 
     model: VAN
     base_model: str | None  # Hub id of the starting weights, for the model card
-    note: str | None  # a warning for the user, e.g. pretrained weights that could not be had
-    local_start: str | None = None  # the local file or folder the starting weights came from
+    note: str | None  # what happened to the starting weights, e.g. official weights that could not be had
+    local_start: str | None = None  # the name (never the path) of the local file or folder the weights came from
 
 
 def create_classifier(variant: str, pretrained: str, num_classes: int, drop_path_rate: float = 0.0,
                       layer_scale_init: float = 1e-2) -> BaseModel:
-    """A VAN with a new head for ``num_classes``, started from ``pretrained``: auto, none, a path or a Hub repo id."""
+    """A VAN with a new head for ``num_classes``, started from ``pretrained``.
+
+    ``pretrained``: ``auto`` (the official weights of ``variant`` when they can be had,
+    else random initialisation with a note saying why), ``none``, a variant name (its
+    official weights, or a ``CheckpointError``), a local checkpoint or export, or a Hub repo id.
+    """
     base_model, note, local_start = None, None, None
     if pretrained == "none":
         start = None
-    elif pretrained == "auto":
-        cfg = default_cfgs.get(variant)
-        try:
-            start = load_model(variant, pretrained=True, num_classes=num_classes)
-            base_model = cfg.default.hf_hub_id
-        except CheckpointError as e:
-            start, note = None, f"no pretrained weights for {variant} ({e}); training from random initialisation"
+    elif pretrained == "auto" or pretrained in VARIANTS:
+        name = variant if pretrained == "auto" else pretrained
+        cfg = default_cfgs.get(name)
+        hub_id = cfg.default.hf_hub_id if cfg else None
+        if hub_id is None:
+            if pretrained != "auto":
+                raise CheckpointError(f"--pretrained {name}: {name} has no official pretrained weights")
+            start, note = None, f"{name} has no official pretrained weights; training from random initialisation"
+        else:
+            try:
+                start = load_model(name, pretrained=True, num_classes=num_classes)
+                base_model = hub_id
+            except CheckpointError as e:
+                if pretrained != "auto":
+                    raise CheckpointError(f"--pretrained {name}: {e}") from e
+                start, note = None, f"official {name} weights not available ({e}); training from random initialisation"
     else:
         start = load_model(pretrained, num_classes=num_classes)
-        if _is_local(pretrained):
-            local_start = pretrained
+        if Path(pretrained).expanduser().exists():
+            local_start = Path(pretrained).expanduser().resolve().name
         else:
             base_model = pretrained.removeprefix("hf-hub:")
     spec = VARIANTS[variant] if start is None else infer_spec(start.state_dict())[0]
@@ -87,11 +91,6 @@ def create_classifier(variant: str, pretrained: str, num_classes: int, drop_path
         model.pretrained_cfg = dict(model.pretrained_cfg, **{k: start.pretrained_cfg[k] for k in
                                                             ("mean", "std", "interpolation", "crop_pct")})
     return BaseModel(model, base_model, note, local_start)
-
-
-def _is_local(source: str) -> bool:
-    """Whether a ``--pretrained`` source names an existing file or folder."""
-    return Path(source).expanduser().exists()
 
 
 def parameter_groups(model: VAN, lr: float, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
@@ -276,3 +275,35 @@ class ThroughputBar(TQDMProgressBar):
         if self._images and elapsed > 0:
             items["img/s"] = f"{self._images / elapsed:.0f}"
         return items
+
+
+class CheckpointOnInterrupt(Callback):
+    """Save a checkpoint that ``--resume`` continues from when a run stops early (SIGTERM, Ctrl-C, an error).
+
+    Lightning stops a run that receives SIGTERM after the current batch and calls
+    ``on_exception``; Lightning's own ``OnExceptionCheckpoint`` would also make every
+    later ``fit`` resume from "last" on its own, so this callback only saves.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but each file is written beside its name and renamed into place.
+
+    A full disk or a kill while saving leaves the previous checkpoint whole instead
+    of a truncated one that ``--resume`` cannot read.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        with atomic_path(Path(path)) as tmp:
+            with tmp.open("wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
