@@ -10,10 +10,7 @@ from torch import nn
 import van_app
 from van_app import capture_attention, fuse, load_model, predict
 from van_app.fuse import FusedBlock, compile_for_inference, native_bf16
-from van_app.model import VanSpec
-from van_app.weights import build_model
-
-CUSTOM = VanSpec((8, 12, 16, 24), (2, 1, 3, 1), (4, 2, 3, 2))
+CUSTOM = dict(embed_dims=(8, 12, 16, 24), depths=(2, 1, 3, 1), mlp_ratios=(4, 2, 3, 2))
 
 
 def _realistic(model: nn.Module, size: int = 48) -> nn.Module:
@@ -57,7 +54,7 @@ def test_fused_matches_unfused_at_odd_sizes(micro, fused, size):
 
 def test_fused_matches_unfused_for_a_custom_spec():
     torch.manual_seed(1)
-    model = _realistic(build_model(CUSTOM, 7))
+    model = _realistic(load_model("van_micro", num_classes=7, **CUSTOM))
     x = torch.randn(3, 3, 45, 45)
     with torch.no_grad():
         assert _max_diff(fuse(model)(x), model(x)) <= 1e-4

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from functools import cache
+from pathlib import Path
 
 import pytest
 import timm
@@ -85,6 +91,30 @@ def test_reset_classifier_to_new_class_count() -> None:
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
 
+def test_reset_classifier_keeps_model_args_current() -> None:
+    model = micro().eval()
+    model.reset_classifier(0, global_pool="")
+    assert (model.model_args["num_classes"], model.model_args["global_pool"]) == (0, "")
+    x = torch.randn(1, 3, 32, 32)
+    assert VAN(**model.model_args).eval()(x).shape == model(x).shape == (1, 64, 1, 1)
+
+
+def test_model_args_rebuild_the_same_architecture() -> None:
+    model = micro(num_classes=5, drop_path_rate=0.2, layer_scale_init=0.1, embed_dims=(8, 12, 16, 24),
+                  depths=(2, 1, 3, 1), mlp_ratios=(4, 2, 3, 2))
+    rebuilt = VAN(**model.model_args)
+    assert rebuilt.model_args == model.model_args
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert [m.drop_prob for m in rebuilt.modules() if isinstance(m, DropPath)] == [
+        m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+    assert rebuilt.stages[0].blocks[0].layer_scale_1[0].item() == pytest.approx(0.1)
+
+
+def test_model_args_are_plain_json_values() -> None:
+    args = micro().model_args
+    assert VAN(**json.loads(json.dumps(args))).model_args == args
+
+
 def test_reset_classifier_to_zero_removes_head() -> None:
     model = micro().eval()
     model.reset_classifier(0)
@@ -164,7 +194,7 @@ def test_timm_create_model_with_num_classes() -> None:
     model = timm.create_model("van_b0", num_classes=10)
     assert isinstance(model, VAN)
     assert model.head.out_features == 10
-    assert model.embed_dims == VARIANTS["van_b0"].embed_dims
+    assert model.model_args["embed_dims"] == VARIANTS["van_b0"].embed_dims
 
 
 def test_features_only_gives_four_maps_at_strides_4_to_32() -> None:
@@ -249,3 +279,76 @@ def test_capture_attention_under_inference_mode() -> None:
         model(torch.randn(1, 3, 32, 32))
     assert len(maps) == sum(VARIANTS["van_micro"].depths)
     assert all(torch.isfinite(t).all() for t in maps.values())
+
+
+# --- import van_app: cheap, lazy, and registering the variants with timm whichever is imported first -------------
+
+HEAVY = ("torch", "timm", "lightning", "gradio")
+REGISTERED = "all(timm.is_model(v) for v in van_app.VARIANTS)"
+HOOKS = "[f for f in sys.meta_path if type(f).__module__ == 'van_app.variants']"
+
+
+def run_python(code: str, tmp_path: Path) -> None:
+    """Run ``code`` as a script in a fresh interpreter; its assertions must hold."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_import_van_app_first_registers_when_timm_is_imported(tmp_path: Path) -> None:
+    run_python(f"""
+        import sys
+        import van_app
+        assert not set({HEAVY}) & set(sys.modules), sorted(set({HEAVY}) & set(sys.modules))
+        assert len({HOOKS}) == 1
+        import timm
+        assert {REGISTERED} and {HOOKS} == []
+        assert timm.list_models("van_b*", pretrained=True) == [f"van_b{{i}}.in1k" for i in range(4)]
+    """, tmp_path)
+
+
+def test_import_timm_first_registers_at_once(tmp_path: Path) -> None:
+    run_python(f"""
+        import sys
+        import timm
+        import van_app
+        assert {REGISTERED} and {HOOKS} == []
+    """, tmp_path)
+
+
+def test_spawned_worker_registers_the_variants(tmp_path: Path) -> None:
+    # A spawned process (DataLoader workers, multiprocessing) re-imports the parent's main module, so its
+    # `import van_app` runs there too before the worker's own `import timm`.
+    run_python(f"""
+        import multiprocessing
+        import sys
+        from concurrent.futures import ProcessPoolExecutor
+
+        import van_app
+
+
+        def registered() -> bool:
+            import timm
+
+            return {REGISTERED}
+
+
+        if __name__ == "__main__":
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                assert pool.submit(registered).result()
+            assert "timm" not in sys.modules
+    """, tmp_path)
+
+
+def test_public_names_load_lazily_and_submodules_do_not_shadow_them(tmp_path: Path) -> None:
+    run_python("""
+        import van_app.fuse
+        import van_app.predict
+        from van_app import *  # every name of __all__ resolves
+
+
+        assert van_app.fuse is fuse and van_app.predict is predict and callable(fuse) and callable(predict)
+        assert load_model("van_micro").variant == "van_micro" and VAN.__module__ == "van_app.model"
+    """, tmp_path)

@@ -11,10 +11,13 @@ import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from timm.layers import DropPath
 
+import van_app
 from van_app import CheckpointError, load_model
 from van_app.errors import MESSAGE_LIMIT
-from van_app.weights import checkpoint_filter_fn, imagenet_labels, rename_keys
+from van_app.convert import checkpoint_filter_fn, rename_keys
+from van_app.variants import imagenet_labels
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL = FIXTURES / "official_tiny.pth.tar"
@@ -95,8 +98,8 @@ def write_export(directory: Path, model: torch.nn.Module, labels: list[str], **p
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
     config = {
-        "architecture": "van_micro",
-        "model_args": {"embed_dims": [8, 16, 32, 64], "depths": [1, 1, 2, 1], "mlp_ratios": [8, 8, 4, 4]},
+        "architecture": model.pretrained_cfg["architecture"],
+        "model_args": model.model_args,
         "num_classes": len(labels),
         "label_names": labels,
         "pretrained_cfg": {"num_classes": len(labels), **pretrained_cfg},
@@ -175,7 +178,7 @@ def test_official_van_b0_layout_is_inferred_as_van_b0(tmp_path: Path) -> None:
 def test_tiny_official_layout_is_custom() -> None:
     model = load_model(OFFICIAL)
     assert model.variant == "custom"
-    assert model.embed_dims == (8, 16, 32, 64) and model.depths == (1, 2, 1, 1)
+    assert model.model_args["embed_dims"] == (8, 16, 32, 64) and model.model_args["depths"] == (1, 2, 1, 1)
 
 
 def test_num_classes_differing_replaces_only_the_head(official_raw) -> None:
@@ -541,8 +544,8 @@ def test_malformed_export_config_is_refused(tmp_path: Path, van_inits, changes, 
 
 
 @pytest.mark.parametrize("text, match", [
-    ('["architecture", "van_micro"]', "config.json must hold a JSON object, found list"),
-    ('"van_micro"', "config.json must hold a JSON object, found str"),
+    ('["architecture", "van_micro"]', "must hold a JSON object, found list"),
+    ('"van_micro"', "must hold a JSON object, found str"),
     ('{"architecture": ', "not valid JSON"),
     ("[" * 100_000, "not valid JSON"),
 ], ids=["list", "string", "truncated", "deeply nested"])
@@ -555,7 +558,7 @@ def test_config_that_is_not_a_json_object_is_refused(tmp_path: Path, text: str, 
 def test_oversized_config_is_refused_before_reading(tmp_path: Path) -> None:
     export = export_with_config(tmp_path / "export")
     (export / "config.json").write_text(" " * (9 * 2**20) + "{}")
-    assert_one_line_error_naming(export, r"config.json has [\d,]+ bytes, more than the [\d,]+ allowed")
+    assert_one_line_error_naming(export, r"[\d,]+ bytes, more than the [\d,]+ allowed for config.json")
 
 
 @pytest.mark.parametrize("id2label, match", [
@@ -633,6 +636,136 @@ def test_max_bytes_refuses_official_weights_before_downloading_them(online_hub) 
 
 
 def test_pretrained_variants_are_those_with_official_weights() -> None:
-    from van_app.weights import pretrained_variants
+    assert van_app.pretrained_variants() == ["van_b0", "van_b1", "van_b2", "van_b3"]
 
-    assert pretrained_variants() == ["van_b0", "van_b1", "van_b2", "van_b3"]
+
+# --- one build path: model arguments reach the one build; our exports load through timm --------------------------
+
+
+def test_model_kwargs_reach_the_build_of_a_checkpoint(official_raw) -> None:
+    model = load_model(OFFICIAL, drop_path_rate=0.2, drop_rate=0.1)
+    assert (model.model_args["drop_path_rate"], model.model_args["drop_rate"]) == (0.2, 0.1)
+    assert max(m.drop_prob for m in model.modules() if isinstance(m, DropPath)) == pytest.approx(0.2)
+    assert_same_weights(model, load_model(OFFICIAL))
+
+
+def test_model_kwargs_reach_the_build_of_an_export(tmp_path: Path) -> None:
+    export = write_export(tmp_path / "export", micro_with_head(3), ["a", "b", "c"])
+    model = load_model(export, num_classes=5, drop_path_rate=0.3)
+    assert (model.num_classes, model.model_args["drop_path_rate"]) == (5, 0.3)
+    assert model.labels == [f"class_{i}" for i in range(5)]
+    body = {k: v for k, v in load_model(export).state_dict().items() if not k.startswith("head.")}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in body.items())
+
+
+def test_a_fresh_variant_takes_its_layer_scale_init() -> None:
+    model = load_model("van_micro", num_classes=2, layer_scale_init=0.5)
+    assert model.model_args["layer_scale_init"] == 0.5 and model.stages[1].blocks[0].layer_scale_2[0].item() == 0.5
+
+
+@pytest.mark.parametrize("kwarg", [{"depths": (1, 1, 1, 1)}, {"embed_dims": (8, 8, 8, 8)}, {"in_chans": 1}])
+def test_architecture_kwargs_are_refused_for_weights(kwarg: dict) -> None:
+    with pytest.raises(TypeError, match="come from the checkpoint"):
+        load_model(OFFICIAL, **kwarg)
+
+
+def test_export_loads_through_timm_local_dir(tmp_path: Path) -> None:
+    import timm
+
+    export = write_export(tmp_path / "export", micro_with_head(3), ["a", "b", "c"])
+    model = load_model(export)
+    assert model.pretrained_cfg["source"] == "local-dir" and model.pretrained_cfg["file"] == str(export)
+    assert_same_weights(timm.create_model(f"local-dir:{export}", pretrained=True), model)
+
+
+def test_bundled_export_loads_the_same_through_timm_and_load_model() -> None:
+    import timm
+
+    bundled = Path(__file__).parents[1] / "checkpoints" / "van-b0-shapes"
+    model, plain = load_model(bundled), timm.create_model(f"local-dir:{bundled}", pretrained=True).eval()
+    assert model.variant == "van_b0" and model.labels == ["circle", "cross", "ring", "square", "star", "triangle"]
+    assert model.model_args["embed_dims"] == (32, 64, 160, 256)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+
+def test_timm_refuses_an_export_with_nan_through_the_checkpoint_filter(tmp_path: Path) -> None:
+    import timm
+
+    source = micro_with_head(3)
+    with torch.no_grad():
+        source.stages[2].norm.weight[0] = float("nan")
+    export = write_export(tmp_path / "export", source, ["a", "b", "c"])
+    with pytest.raises(CheckpointError, match=r"stages\.2\.norm\.weight holds NaN"):
+        timm.create_model(f"local-dir:{export}", pretrained=True)
+
+
+BAD_EXPORT_CONFIGS = {
+    "depths beyond the weights": ({"model_args": {"depths": [1, 1, 300, 1]}},
+                                  r"holds \[1, 1, 2, 1\] blocks per stage but config.json says \[1, 1, 300, 1\]"),
+    "widths beyond the weights": ({"model_args": {"embed_dims": [8, 16, 32, 4096]}}, "wrong shape for"),
+    "unknown model argument": ({"model_args": {"img_size": 64}}, "model_args: unknown 1 argument: img_size"),
+    "negative depth": ({"model_args": {"depths": [1, 1, -2, 1]}}, "model_args depths must be four integers"),
+    "grey input": ({"model_args": {"in_chans": 1}}, r"model_args in_chans must be 3 \(RGB images\)"),
+    "model_args not an object": ({"model_args": [8, 16]}, "model_args must be a JSON object"),
+    "unknown architecture": ({"architecture": "resnet50"}, "architecture 'resnet50' is not a VAN variant"),
+    "weights from a url": ({"url": "http://example.com/w.pth"}, r"pretrained_cfg: unknown or refused 1 key: url"),
+    "another hub file": ({"hf_hub_filename": "other.bin"}, "unknown or refused 1 key: hf_hub_filename"),
+    "unknown pretrained_cfg key": ({"colour": "red"}, "unknown or refused 1 key: colour"),
+    "another classifier": ({"classifier": "fc"}, "pretrained_cfg classifier must be 'head'"),
+    "class count disagreeing": ({"num_classes": 4}, "num_classes is 4, but the weights' head has 3 classes"),
+}
+
+
+@pytest.mark.parametrize("changes, match", BAD_EXPORT_CONFIGS.values(), ids=BAD_EXPORT_CONFIGS.keys())
+def test_export_config_disagreeing_with_its_weights_is_refused_before_building(
+        tmp_path: Path, van_inits, changes, match) -> None:
+    export = export_with_config(tmp_path / "export")
+    config = json.loads((export / "config.json").read_text())
+    for key, value in changes.items():
+        target = config if key in ("model_args", "architecture", "num_classes") else config["pretrained_cfg"]
+        target[key] = dict(config["model_args"], **value) if key == "model_args" and isinstance(value, dict) else value
+    (export / "config.json").write_text(json.dumps(config))
+    van_inits.clear()
+    assert_one_line_error_naming(export, match)
+    assert all(device.type == "meta" for device in van_inits)
+
+
+# --- adding a variant is one row ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def new_row(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A variant added as one row of the table, with official weights on a Hub repo of its own."""
+    from van_app.variants import VARIANTS, VanSpec
+
+    monkeypatch.setitem(VARIANTS, "van_row_test", VanSpec((8, 8, 16, 16), (1, 2, 1, 1), (2, 2, 3, 3),
+                                                          weights=("someone/van-row", "row.pth.tar")))
+    return "van_row_test"
+
+
+def test_a_new_row_builds_and_names_fresh_and_foreign_models(tmp_path: Path, new_row: str) -> None:
+    fresh = load_model(new_row, num_classes=4)
+    assert fresh.variant == new_row and fresh.model_args["embed_dims"] == (8, 8, 16, 16)
+    torch.save({"state_dict": to_official(fresh.state_dict())}, tmp_path / "row.pth")
+    assert load_model(tmp_path / "row.pth").variant == new_row
+    assert new_row in van_app.pretrained_variants()
+
+
+def test_a_new_row_loads_its_official_weights(hub_cache: Path, new_row: str) -> None:
+    expected = load_model(new_row)
+    snapshot = cached_snapshot(hub_cache, "someone/van-row")
+    torch.save({"state_dict": to_official(expected.state_dict())}, snapshot / "row.pth.tar")
+    model = load_model(new_row, pretrained=True)
+    assert model.variant == new_row and model.pretrained_cfg["hf_hub_id"] == "someone/van-row"
+    assert_same_weights(model, expected)
+
+
+def test_a_new_row_round_trips_an_export_through_timm(tmp_path: Path, new_row: str) -> None:
+    import timm
+
+    source = load_model(new_row, num_classes=2)
+    model = load_model(write_export(tmp_path / "export", source, ["yes", "no"]))
+    assert model.variant == new_row and timm.create_model(new_row).model_args["depths"] == (1, 2, 1, 1)
+    assert_same_weights(model, source)

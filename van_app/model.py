@@ -3,42 +3,24 @@
 The model reads top to bottom as the paper draws it: an overlapping patch
 embedding opens each of four stages, a stack of blocks follows (BatchNorm ->
 Attention with Large Kernel Attention, BatchNorm -> convolutional MLP, each
-branch layer-scaled), and a LayerNorm closes the stage. Variants are rows of
-``VARIANTS``; building, registering and loading weights live in ``weights.py``.
+branch layer-scaled), and a LayerNorm closes the stage. A model keeps the
+arguments it was built with (``model_args``), so nothing reads its architecture
+back from its weights. Variants are rows of ``variants.VARIANTS``; building and
+registering live there, loading weights in ``weights.py``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from torch import nn
 
-
-@dataclass(frozen=True)
-class VanSpec:
-    """Widths, depths and MLP ratios of one VAN variant."""
-
-    embed_dims: tuple[int, int, int, int]
-    depths: tuple[int, int, int, int]
-    mlp_ratios: tuple[float, float, float, float] = (8, 8, 4, 4)
-
-
-VARIANTS: dict[str, VanSpec] = {
-    "van_b0": VanSpec((32, 64, 160, 256), (3, 3, 5, 2)),
-    "van_b1": VanSpec((64, 128, 320, 512), (2, 2, 4, 2)),
-    "van_b2": VanSpec((64, 128, 320, 512), (3, 3, 12, 3)),
-    "van_b3": VanSpec((64, 128, 320, 512), (3, 5, 27, 3)),
-    "van_b4": VanSpec((64, 128, 320, 512), (3, 6, 40, 3)),
-    "van_b5": VanSpec((96, 192, 480, 768), (3, 3, 24, 3)),
-    "van_b6": VanSpec((96, 192, 384, 768), (6, 6, 90, 6)),
-    # Not in the paper: a few-thousand-parameter VAN for tests and demos.
-    "van_micro": VanSpec((8, 16, 32, 64), (1, 1, 2, 1)),
-}
+from .variants import VARIANTS, VanSpec  # noqa: F401  (VanSpec: for callers still importing it from here)
 
 
 class LKA(nn.Module):
@@ -158,9 +140,9 @@ class VAN(nn.Module):
 
     def __init__(
         self,
-        embed_dims: tuple[int, ...] = VARIANTS["van_b0"].embed_dims,
-        depths: tuple[int, ...] = VARIANTS["van_b0"].depths,
-        mlp_ratios: tuple[float, ...] = VARIANTS["van_b0"].mlp_ratios,
+        embed_dims: Sequence[int] = VARIANTS["van_b0"].embed_dims,
+        depths: Sequence[int] = VARIANTS["van_b0"].depths,
+        mlp_ratios: Sequence[float] = VARIANTS["van_b0"].mlp_ratios,
         num_classes: int = 1000,
         in_chans: int = 3,
         drop_rate: float = 0.0,
@@ -171,10 +153,15 @@ class VAN(nn.Module):
         super().__init__()
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        embed_dims, depths, mlp_ratios = tuple(embed_dims), tuple(depths), tuple(mlp_ratios)
+        # Everything VAN(**model.model_args) needs to rebuild this architecture; reset_classifier keeps it current.
+        self.model_args: dict[str, Any] = dict(
+            embed_dims=embed_dims, depths=depths, mlp_ratios=mlp_ratios, num_classes=num_classes, in_chans=in_chans,
+            drop_rate=drop_rate, drop_path_rate=drop_path_rate, layer_scale_init=layer_scale_init,
+            global_pool=global_pool,
+        )
         self.num_classes = num_classes
         self.global_pool = global_pool
-        self.embed_dims = tuple(embed_dims)
-        self.depths = tuple(depths)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.drop_rate = drop_rate
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # also on meta
@@ -226,6 +213,7 @@ class VAN(nn.Module):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
+        self.model_args.update(num_classes=num_classes, global_pool=self.global_pool)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.head.apply(_init_weights)
         device = self.stages[0].patch_embed.proj.weight.device
