@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from van_app.config import DataConfig
 from van_app.data import VanDataModule
-from van_app.model import VARIANTS
+from van_app.variants import VARIANTS
 from van_app.module import VanClassifier, cosine_with_warmup, parameter_groups
-from van_app.weights import build_model
+from van_app.weights import load_model
 
 
 def synthetic_batches(steps: int, batch_size: int, img_size: int, classes: int) -> list[tuple[torch.Tensor, ...]]:
@@ -48,7 +48,7 @@ def plain_loop(args: argparse.Namespace, batches: list, device: torch.device, *,
                channels_last: bool = False) -> float:
     """Images/s of a hand-written training loop with the module's recipe."""
     torch.manual_seed(0)
-    model = build_model(VARIANTS[args.model], args.classes).to(device).train()
+    model = load_model(args.model, num_classes=args.classes).to(device).train()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(parameter_groups(model, 5e-4, 0.05))
@@ -91,7 +91,7 @@ class StepTimer(L.Callback):
 def lightning_loop(args: argparse.Namespace, batches: list, device: torch.device, precision: str = "32") -> float:
     """Images/s of VanClassifier under a Lightning Trainer (no checkpoints, loggers or progress bar)."""
     torch.manual_seed(0)
-    model = build_model(VARIANTS[args.model], args.classes)
+    model = load_model(args.model, num_classes=args.classes)
     module = VanClassifier(model, [f"c{i}" for i in range(args.classes)], {"lr": 5e-4, "warmup_epochs": 0.1})
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
@@ -116,7 +116,7 @@ def make_image_folder(root: Path, images: int, size: int) -> Path:
 
 def loading_rate(data: Path, args: argparse.Namespace, workers: int) -> float:
     """Images/s of one pass over the augmented training loader with ``workers`` worker processes."""
-    model = build_model(VARIANTS[args.model], 2)
+    model = load_model(args.model, num_classes=2)
     model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, args.img_size, args.img_size))
     config = DataConfig(data_dir=data, batch_size=args.batch_size, workers=workers)
     dm = VanDataModule(config, resolve_data_config(model=model), progress=False)

@@ -16,9 +16,10 @@ from van_app.config import DataConfig
 from van_app.data import VanDataModule
 from van_app.export import RunInfo, export_config, model_card, write_export
 from van_app.files import EXPORT_FILES, atomic_dir, atomic_path, write_text
-from van_app.model import VanSpec
 from van_app.module import model_state
-from van_app.weights import build_model, infer_spec
+
+
+CUSTOM = dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), mlp_ratios=(4, 4, 4, 4))  # matches no variant
 
 
 def read_json(path):
@@ -133,7 +134,7 @@ def test_reload_gives_exactly_the_best_checkpoints_logits(trained):
     data, out, _ = trained
     best = out.with_name(f"{out.name}.run") / "checkpoints" / "best.ckpt"
     state = model_state(torch.load(best, map_location="cpu", weights_only=True))
-    trained_model = build_model(infer_spec(state)[0], 3)
+    trained_model = van_app.load_model("van_micro", num_classes=3)
     trained_model.load_state_dict(state)
     batch, _ = next(iter(val_datamodule(data).val_dataloader()))
     with torch.no_grad():
@@ -157,13 +158,13 @@ def test_timm_local_dir_rebuilds_the_model_with_labels(trained):
 
 
 def test_custom_spec_config_rebuilds_through_timm(tmp_path):
-    model = build_model(VanSpec((8, 16, 24, 32), (1, 1, 1, 1), (4, 4, 4, 4)), 2)
+    model = van_app.load_model("van_micro", num_classes=2, **CUSTOM)
     run = RunInfo(data_name="d", data_summary={}, training_args={}, command="van-finetune --data d")
     config = export_config(model, ["a", "b"], {"input_size": (3, 32, 32), "interpolation": "bicubic",
                                                "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.9}, run)
     write_text(tmp_path / "config.json", json.dumps(config))
     rebuilt = timm.create_model(f"local-dir:{tmp_path}", pretrained=False)
-    assert config["architecture"] == "van_micro" and rebuilt.embed_dims == (8, 16, 24, 32)
+    assert config["architecture"] == "van_micro" and rebuilt.model_args["embed_dims"] == (8, 16, 24, 32)
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -182,7 +183,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     (None, "first", "fine-tuned from the local weights <code>first</code>"),
 ])
 def test_model_card_says_where_training_started(base_model, local_start, says):
-    model = build_model(VanSpec((8, 16, 24, 32), (1, 1, 1, 1), (4, 4, 4, 4)), 2)
+    model = van_app.load_model("van_micro", num_classes=2, **CUSTOM)
     run = RunInfo(data_name="d", data_summary={}, training_args={}, command="van-finetune --data d",
                   base_model=base_model, local_start=local_start)
     config = export_config(model, ["a", "b"], {"input_size": (3, 32, 32), "interpolation": "bicubic",
@@ -193,7 +194,7 @@ def test_model_card_says_where_training_started(base_model, local_start, says):
 
 def tiny_model_config(labels, run):
     """config.json of a small random model with ``labels``, as the export writes it."""
-    model = build_model(VanSpec((8, 16, 24, 32), (1, 1, 1, 1), (4, 4, 4, 4)), len(labels))
+    model = van_app.load_model("van_micro", num_classes=len(labels), **CUSTOM)
     return model, export_config(model, labels, {"input_size": (3, 32, 32), "interpolation": "bicubic",
                                                 "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.9}, run)
 
@@ -274,3 +275,11 @@ def test_a_reader_sees_the_old_export_until_the_new_one_is_whole(tmp_path):
     assert {p.name: p.read_text() for p in (tmp_path / "export").iterdir()} == {
         "config.json": "new", "model.safetensors": "new weights"}
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_load_model_refuses_an_incomplete_export_naming_what_is_missing(trained, tmp_path):
+    _, out, _ = trained
+    export = shutil.copytree(out, tmp_path / "export")
+    (export / "README.md").unlink()
+    with pytest.raises(van_app.CheckpointError, match=r"incomplete van_app export, missing README.md"):
+        van_app.load_model(export)

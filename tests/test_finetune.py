@@ -21,10 +21,9 @@ from van_app.cli import build_parser, main, newest_checkpoint, parse_config
 from van_app.config import TrainConfig
 from van_app.errors import CheckpointError, UsageError
 from van_app.files import EXPORT_FILES
-from van_app.model import VARIANTS
 from van_app.module import (AtomicCheckpointIO, FreezeBackbone, VanClassifier, cosine_with_warmup, create_classifier,
                             parameter_groups)
-from van_app.weights import build_model
+from van_app.weights import load_model
 
 OPTIONS = ["--ema", "--ema-decay", "0.9", "--freeze-epochs", "1", "--mixup", "0.2", "--cutmix", "0.2",
            "--layer-decay", "0.75", "--balance", "--label-smoothing", "0.05", "--patience", "3",
@@ -400,7 +399,7 @@ def test_layer_scale_init_reaches_the_blocks_of_a_random_model():
 
 
 def test_weight_decay_only_on_matrices_and_kernels():
-    model = build_model(VARIANTS["van_micro"], 3)
+    model = load_model("van_micro", num_classes=3)
     groups = parameter_groups(model, 1e-3, 0.05)
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, param in model.named_parameters():
@@ -408,7 +407,7 @@ def test_weight_decay_only_on_matrices_and_kernels():
 
 
 def test_layer_decay_gives_early_layers_smaller_learning_rates():
-    model = build_model(VARIANTS["van_micro"], 3)
+    model = load_model("van_micro", num_classes=3)
     lr_of = {id(p): g["lr"] for g in parameter_groups(model, 1e-3, 0.05, layer_decay=0.5) for p in g["params"]}
     assert lr_of[id(model.head.weight)] == pytest.approx(1e-3)
     assert lr_of[id(model.stages[0].patch_embed.proj.weight)] < lr_of[id(model.stages[3].blocks[0].mlp.fc1.weight)]
@@ -421,7 +420,7 @@ def test_schedule_warms_up_then_decays_to_its_floor():
 
 
 def test_freeze_drops_backbone_gradients_and_keeps_the_heads():
-    module = SimpleNamespace(model=build_model(VARIANTS["van_micro"], 3))
+    module = SimpleNamespace(model=load_model("van_micro", num_classes=3))
     module.model(torch.randn(2, 3, 32, 32)).sum().backward()
     FreezeBackbone(1).on_before_optimizer_step(SimpleNamespace(current_epoch=0), module, None)
     assert all(p.grad is None for p in module.model.stages.parameters())
@@ -429,7 +428,7 @@ def test_freeze_drops_backbone_gradients_and_keeps_the_heads():
 
 
 def test_freeze_ends_after_its_epochs():
-    module = SimpleNamespace(model=build_model(VARIANTS["van_micro"], 3))
+    module = SimpleNamespace(model=load_model("van_micro", num_classes=3))
     module.model(torch.randn(2, 3, 32, 32)).sum().backward()
     FreezeBackbone(1).on_before_optimizer_step(SimpleNamespace(current_epoch=1), module, None)
     assert all(p.grad is not None for p in module.model.stages.parameters())
@@ -437,10 +436,21 @@ def test_freeze_ends_after_its_epochs():
 
 def test_top5_counts_the_true_class_anywhere_in_the_top_five_after_a_perfect_first_batch():
     labels = [f"c{i}" for i in range(6)]
-    module = VanClassifier(build_model(VARIANTS["van_micro"], 6), labels)
+    module = VanClassifier(load_model("van_micro", num_classes=6), labels)
     target = torch.arange(6)
     module.val_overall.update(torch.eye(6), target)  # every class right: top-1 and top-5 states agree
     second_best = torch.eye(6)[(target + 1) % 6] + 0.5 * torch.eye(6)
     module.val_overall.update(second_best, target)  # every class second: top-1 wrong, top-5 right
     scores = module.val_overall.compute()
     assert scores["val_acc"] == pytest.approx(0.5) and scores["val_top5"] == pytest.approx(1.0)
+
+
+def test_a_run_checkpoint_rebuilds_its_classifier(trained):
+    _, out, _ = trained
+    path = run_folder(out) / "checkpoints" / "best.ckpt"
+    module = VanClassifier.load_from_checkpoint(path, weights_only=True).eval()
+    exported = van_app.load_model(out)
+    assert module.labels == exported.labels and module.model.variant == exported.variant == "van_micro"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(module(x), exported(x))

@@ -70,4 +70,6 @@ def test_cli_writes_the_data_set(tmp_path):
 def test_cli_rejects_a_tiny_size_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--out", str(tmp_path), "--size", "4"])
-    assert "--size >= 16" in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: argument --size: expected an integer from 16 to 4096, got 4")

@@ -15,6 +15,7 @@ ends and swapped in for the previous export, so the export is never a mix of run
 from __future__ import annotations
 
 import argparse
+import copy
 import errno
 import logging
 import os
@@ -27,10 +28,18 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .config import ArgumentParser, FinetuneConfig, TrainConfig, add_options, default_of, flag_of, from_namespace
+from .config import (
+    ArgumentParser,
+    FinetuneConfig,
+    TrainConfig,
+    add_options,
+    default_of,
+    flag_of,
+    from_namespace,
+)
 from .errors import CheckpointError, DataError, HubError, UsageError, first_line
 from .files import EXPORT_CONFIG, EXPORT_WEIGHTS
-from .model import VARIANTS
+from .variants import VARIANTS
 
 USER_ERRORS = (DataError, CheckpointError, HubError, UsageError)
 EXIT_USAGE, EXIT_SIGTERM = 2, 143
@@ -156,7 +165,6 @@ def finetune(config: FinetuneConfig) -> int:
     import torch
     from lightning.pytorch.utilities import rank_zero_only
     from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     from timm.data import resolve_data_config
 
     from .data import VanDataModule, find_layout
@@ -214,10 +222,19 @@ def _trainer(config: FinetuneConfig, run: Path) -> tuple[Any, Any]:
     """
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
+    from lightning.pytorch.callbacks import (
+        EarlyStopping,
+        EMAWeightAveraging,
+        ModelCheckpoint,
+    )
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from .module import AtomicCheckpointIO, CheckpointOnInterrupt, FreezeBackbone, ThroughputBar
+    from .module import (
+        AtomicCheckpointIO,
+        CheckpointOnInterrupt,
+        FreezeBackbone,
+        ThroughputBar,
+    )
 
     train, hardware, checkpoints = config.train, config.hardware, run / CHECKPOINTS
     # Both write last.ckpt: one after each validation, the other every N steps so a killed run can resume mid-epoch.
@@ -309,12 +326,9 @@ def _export_and_report(config: FinetuneConfig, module: Any, dm: Any, best_path: 
     from .export import RunInfo, summary_table, write_export
     from .hub import push_export
     from .module import model_state
-    from .weights import build_model, infer_spec
-
     checkpoint = torch.load(best_path, map_location="cpu", weights_only=True)
-    state = model_state(checkpoint)
-    model = build_model(infer_spec(state)[0], dm.num_classes)
-    model.load_state_dict(state)
+    model = copy.deepcopy(module.model).cpu().eval()  # the trained model keeps its architecture and preprocessing
+    model.load_state_dict(model_state(checkpoint))
     report = checkpoint.get("van_app", {}).get("val_report") or module.val_report
     extra = {"best_epoch": report.get("epoch"), "best_step": report.get("step"), "epochs": module.current_epoch,
              "images_seen": module.images_seen, "wall_time_s": round(module.wall_time_s(), 2)}

@@ -134,7 +134,11 @@ def _auto_augment(text: str) -> str | None:
     """A timm auto-augment policy (built once to check it) or ``none``."""
     if text.lower() == "none":
         return None
-    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+    from timm.data.auto_augment import (
+        augment_and_mix_transform,
+        auto_augment_transform,
+        rand_augment_transform,
+    )
 
     builders = {"rand": rand_augment_transform, "augmix": augment_and_mix_transform}
     builder = builders.get(text.split("-")[0], auto_augment_transform)
@@ -150,10 +154,11 @@ AUTO_AUGMENT = Check(_auto_augment, lambda v: v is None or isinstance(v, str),
 
 
 def option(default: Any = MISSING, help: str = "", *, check: Check | None = None, choices: Sequence[str] = (),
-           flag: str | None = None, metavar: str | None = None, shown: str | None = None,
+           flag: str | None = None, metavar: str | None = None, shown: str | None = None, nargs: str | None = None,
            default_factory: Callable[[], Any] | None = None) -> Any:
     """A dataclass field that is also a command-line option (``shown``: how --help states a computed default)."""
-    metadata = dict(help=help, check=check, choices=tuple(choices), flag=flag, metavar=metavar, shown=shown)
+    metadata = dict(help=help, check=check, choices=tuple(choices), flag=flag, metavar=metavar, shown=shown,
+                    nargs=nargs)
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -175,12 +180,15 @@ class Options:
             check: Check | None = f.metadata.get("check")
             if value is None and default_of(f) is None:
                 continue
+            if f.metadata.get("nargs") and isinstance(value, list):
+                setattr(self, f.name, value := tuple(value))
             try:
                 if check is not None:
                     check.check(value)
-                elif f.metadata.get("choices") and value not in f.metadata["choices"]:
-                    raise argparse.ArgumentTypeError(f"expected one of {', '.join(f.metadata['choices'])}, "
-                                                     f"got {value!r}")
+                elif f.metadata.get("choices"):
+                    choices = f.metadata["choices"]
+                    if not all(v in choices for v in (value if f.metadata.get("nargs") else [value])):
+                        raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {value!r}")
             except argparse.ArgumentTypeError as e:
                 raise UsageError(f"{flag_of(f)}: {e}") from None
 
@@ -330,7 +338,8 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
             kwargs["required"] = True
             kwargs["type"] = Path if "Path" in str(f.type) else str
         else:
-            shown = meta.get("shown") or ("none" if default is None else default)
+            shown = meta.get("shown") or ("none" if default is None else (
+                " ".join(map(str, default)) if isinstance(default, (tuple, list)) else default))
             kwargs["help"] += f" (default: {shown})"
             kwargs["default"] = default
             if f.type in ("bool", bool):
@@ -342,6 +351,8 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
         options = (choices or {}).get(f.name) or meta.get("choices")
         if options:
             kwargs["choices"] = list(options)
+        if meta.get("nargs"):
+            kwargs["nargs"] = meta["nargs"]
         parser.add_argument(flag_of(f), **kwargs)
 
 

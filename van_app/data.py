@@ -20,8 +20,8 @@ import sys
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SCAN_FILE, SPLIT_FILE, BAD_FILES_LIST = "scan.json", "split.csv", "bad_files.txt"
+# The keys of timm's data config that say how an image becomes the model's input.
+PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 LAYOUT_HELP = "expected DATA/<class>/<images> or DATA/train/<class>/<images> + DATA/val/<class>/<images>"
 
 Sample = tuple[Path, int]

@@ -24,10 +24,22 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors.torch import save_file
 
 from . import __version__
-from .files import (BAD_FILES, CARD, CONFUSION_JSON, CONFUSION_PNG, EXPORT_CONFIG, EXPORT_FILES, EXPORT_WEIGHTS,
-                    METRICS, atomic_dir, atomic_path, write_json, write_text)
+from .files import (
+    BAD_FILES,
+    CARD,
+    CONFUSION_JSON,
+    CONFUSION_PNG,
+    EXPORT_CONFIG,
+    EXPORT_FILES,
+    EXPORT_WEIGHTS,
+    METRICS,
+    atomic_dir,
+    atomic_path,
+    write_json,
+    write_text,
+)
 from .model import VAN
-from .weights import infer_spec, model_args
+from .variants import ARCHITECTURE_ARGS
 
 
 @dataclass
@@ -56,12 +68,11 @@ class RunInfo:
 
 def export_config(model: VAN, labels: list[str], data_config: dict[str, Any], run: RunInfo) -> dict[str, Any]:
     """config.json: timm's Hub layout (architecture, model_args, pretrained_cfg, label_names) plus our keys."""
-    spec = infer_spec(model.state_dict())[0]
     size = int(data_config["input_size"][-1])
     mean, std = list(data_config["mean"]), list(data_config["std"])
     return {
-        "architecture": model.variant if model.variant != "custom" else "van_micro",
-        "model_args": {k: list(v) for k, v in model_args(spec).items()},
+        "architecture": model.pretrained_cfg["architecture"],
+        "model_args": {k: list(model.model_args[k]) for k in ARCHITECTURE_ARGS},
         "num_classes": len(labels),
         "num_features": model.num_features,
         "label_names": list(labels),

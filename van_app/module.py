@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,12 @@ from torchmetrics.classification import (
 )
 
 from .config import TrainConfig
+from .data import PREPROCESSING_KEYS
+from .errors import CheckpointError
 from .files import atomic_path
-from .model import VAN, VARIANTS
-from .weights import CheckpointError, build_model, default_cfgs, infer_spec, load_model
+from .model import VAN
+from .variants import CUSTOM_BASE, VARIANTS, variant_of
+from .weights import load_model
 
 
 @dataclass
@@ -60,37 +64,33 @@ def create_classifier(variant: str, pretrained: str, num_classes: int, drop_path
     official weights, or a ``CheckpointError``), a local checkpoint or export, or a Hub repo id.
     """
     base_model, note, local_start = None, None, None
+    build = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)
+    fresh = dict(build, layer_scale_init=layer_scale_init)
     if pretrained == "none":
-        start = None
+        model = load_model(variant, **fresh)
     elif pretrained == "auto" or pretrained in VARIANTS:
         name = variant if pretrained == "auto" else pretrained
-        cfg = default_cfgs.get(name)
-        hub_id = cfg.default.hf_hub_id if cfg else None
-        if hub_id is None:
+        weights = VARIANTS[name].weights
+        if weights is None:
             if pretrained != "auto":
                 raise CheckpointError(f"--pretrained {name}: {name} has no official pretrained weights")
-            start, note = None, f"{name} has no official pretrained weights; training from random initialisation"
+            model, note = load_model(variant, **fresh), (f"{name} has no official pretrained weights; "
+                                                        "training from random initialisation")
         else:
             try:
-                start = load_model(name, pretrained=True, num_classes=num_classes)
-                base_model = hub_id
+                model, base_model = load_model(name, pretrained=True, **build), weights[0]
             except CheckpointError as e:
                 if pretrained != "auto":
                     raise CheckpointError(f"--pretrained {name}: {e}") from e
-                start, note = None, f"official {name} weights not available ({e}); training from random initialisation"
+                model, note = load_model(variant, **fresh), (f"official {name} weights not available ({e}); "
+                                                            "training from random initialisation")
     else:
-        start = load_model(pretrained, num_classes=num_classes)
+        model = load_model(pretrained, **build)
         if Path(pretrained).expanduser().exists():
             local_start = Path(pretrained).expanduser().resolve().name
         else:
             base_model = pretrained.removeprefix("hf-hub:")
-    spec = VARIANTS[variant] if start is None else infer_spec(start.state_dict())[0]
-    model = build_model(spec, num_classes, drop_path_rate=drop_path_rate, layer_scale_init=layer_scale_init)
-    if start is not None:
-        model.load_state_dict(start.state_dict())
-        model.pretrained_cfg = dict(model.pretrained_cfg, **{k: start.pretrained_cfg[k] for k in
-                                                            ("mean", "std", "interpolation", "crop_pct")})
-    return BaseModel(model, base_model, note, local_start)
+    return BaseModel(model.train(), base_model, note, local_start)
 
 
 def parameter_groups(model: VAN, lr: float, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
@@ -119,12 +119,26 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float):
 
 
 class VanClassifier(L.LightningModule):
-    """A VAN classifier trained with AdamW + cosine schedule, validated with torchmetrics."""
+    """A VAN classifier trained with AdamW + cosine schedule, validated with torchmetrics.
 
-    def __init__(self, model: VAN, labels: list[str], config: dict[str, Any] | None = None) -> None:
+    Its hyperparameters (labels, the recipe, the model's ``model_args`` and
+    preprocessing) rebuild it, so ``VanClassifier.load_from_checkpoint(path)`` works
+    on any checkpoint a run saved.
+    """
+
+    def __init__(self, model: VAN | None = None, labels: Sequence[str] = (), config: dict[str, Any] | None = None, *,
+                 model_args: dict[str, Any] | None = None, preprocessing: dict[str, Any] | None = None) -> None:
         super().__init__()
+        if model is None:
+            if model_args is None:
+                raise TypeError("VanClassifier needs a model or the model_args to build one")
+            model = load_model(variant_of(model_args) or CUSTOM_BASE, **model_args)
+            model.pretrained_cfg = dict(model.pretrained_cfg, **(preprocessing or {}))
+        model.labels = list(labels)
         self.save_hyperparameters({"labels": list(labels), "config": dict(config or {}),
-                                   "variant": model.variant, "num_classes": model.num_classes})
+                                   "model_args": dict(model.model_args),
+                                   "preprocessing": {k: model.pretrained_cfg[k] for k in PREPROCESSING_KEYS
+                                                     if k in model.pretrained_cfg}})
         self.model = model
         self.labels = list(labels)
         self.config = TrainConfig(**(config or {}))

@@ -14,7 +14,6 @@ and ``DIR/masks/<class>/<id>.png`` (8-bit, 255 on the object), same names.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -26,6 +25,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .config import (
+    ArgumentParser,
+    Options,
+    add_options,
+    from_namespace,
+    integer,
+    option,
+)
 from .files import atomic_path, write_json
 
 SHAPES: tuple[str, ...] = ("circle", "cross", "ring", "square", "star", "triangle")
@@ -171,25 +178,21 @@ def _write_one(job: tuple[Path, str, int, int, int]) -> None:
 
 
 @dataclass
-class SynthConfig:
-    """What ``van-synth`` writes."""
+class SynthConfig(Options):
+    """What ``van-synth`` writes (the command line is derived from these fields)."""
 
-    out: Path
-    per_class: int = 200
-    size: int = 64
-    seed: int = 0
-    shapes: tuple[str, ...] = SHAPES
-    workers: int = 0  # 0: one per CPU core
-    start: int = 0  # first image index (disjoint index ranges give disjoint images for one seed)
+    out: Path = option(metavar="DIR", help="output folder (gets images/ and masks/)")
+    per_class: int = option(200, "images per class", check=integer(1))
+    size: int = option(64, "image side in pixels", check=integer(16, 4096))
+    seed: int = option(0, "data set seed (use another one for held-out data)", check=integer(0))
+    shapes: tuple[str, ...] = option(SHAPES, "classes to draw", choices=SHAPES, nargs="+")
+    workers: int = option(0, "processes (0: one per CPU core)", check=integer(0, 256))
+    start: int = option(0, "index of the first image of each class (disjoint ranges give disjoint images)",
+                        check=integer(0))
 
 
 def write_dataset(config: SynthConfig, progress: bool = False) -> int:
     """Write the data set described by ``config``; returns the number of images written."""
-    if config.per_class < 1 or config.size < 16:
-        raise ValueError(f"need --per-class >= 1 and --size >= 16, got {config.per_class} and {config.size}")
-    unknown = sorted(set(config.shapes) - set(SHAPES))
-    if unknown:
-        raise ValueError(f"unknown shapes {', '.join(unknown)}; known: {', '.join(SHAPES)}")
     for kind in ("images", "masks"):
         for shape in config.shapes:
             (config.out / kind / shape).mkdir(parents=True, exist_ok=True)
@@ -211,16 +214,9 @@ def write_dataset(config: SynthConfig, progress: bool = False) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> SynthConfig:
     """``van-synth``'s command line as a ``SynthConfig``."""
-    p = argparse.ArgumentParser(prog="van-synth", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="output folder (gets images/ and masks/)")
-    p.add_argument("--per-class", type=int, default=200, help="images per class")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0, help="data set seed (use another one for held-out data)")
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES, help="classes to draw")
-    p.add_argument("--workers", type=int, default=0, help="processes (0: one per CPU core)")
-    p.add_argument("--start", type=int, default=0, help="index of the first image of each class")
-    a = p.parse_args(argv)
-    return SynthConfig(a.out, a.per_class, a.size, a.seed, tuple(a.shapes), a.workers, a.start)
+    parser = ArgumentParser(prog="van-synth", description=__doc__.split("\n\n")[0])
+    add_options(parser, SynthConfig)
+    return from_namespace(SynthConfig, parser.parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -228,8 +224,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = parse_args(argv)
     try:
         n = write_dataset(config, progress=True)
-    except (ValueError, OSError) as e:
-        sys.exit(f"van-synth: error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {e}")
     print(f"van-synth: wrote {n} images and masks to {config.out}")
 
 

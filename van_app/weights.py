@@ -25,7 +25,7 @@ from typing import Any
 from .convert import (block_depths, check_fits, expected_shapes, head_classes, infer_model_args, shapes,
                       van_state_dict)
 from .errors import CheckpointError
-from .files import EXPORT_CONFIG, EXPORT_WEIGHTS, TRANSFORMERS_BIN
+from .files import EXPORT_CONFIG, EXPORT_FILES, EXPORT_WEIGHTS, TRANSFORMERS_BIN
 from .model import VAN
 from .reading import (MAX_CONFIG_BYTES, export_config, is_safetensors, read_config, read_safetensors_shapes,
                       read_state_dict, transformers_labels)
@@ -130,6 +130,12 @@ def _folder(folder: Path, num_classes: int | None, max_bytes: int | None, model_
         return _checkpoint(read_state_dict(weights, max_bytes), weights, num_classes, model_kwargs, labels, where)
     if "architecture" not in config:
         raise refuse(config_path, "neither a van_app export (architecture) nor a transformers VAN (model_type van)")
+    listed = config.get("files")  # the files a van_app export lists in its config; a Hub snapshot holds only two
+    missing = [name for name in listed if name in EXPORT_FILES and not (folder / name).is_file()] if (
+        hub is None and isinstance(listed, list)) else []
+    if missing:
+        raise refuse(folder, f"incomplete van_app export, missing {', '.join(missing)}; "
+                             "export it again with van-finetune")
     return _export(folder, config, weights, num_classes, max_bytes, model_kwargs, hub)
 
 
