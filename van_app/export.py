@@ -99,7 +99,6 @@ def export_config(model: VAN, labels: list[str], data_config: dict[str, Any], ru
         "version": __version__,
         "training_args": run.training_args,
         "training": {k: v for k, v in asdict(run).items() if k != "training_args"},
-        "files": list(EXPORT_FILES),
     }
 
 
@@ -249,7 +248,7 @@ def write_export(
 ) -> dict[str, Any]:
     """Write the whole export into a new folder and swap it in for ``out``; returns metrics.json's dict."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    config = export_config(model, labels, data_config, run)
+    config = dict(export_config(model, labels, data_config, run), files=list(EXPORT_FILES))  # what load_model expects
     metrics = flat_metrics(report, extra_metrics)
     confusion = report.get("confusion_matrix") or [[0] * len(labels) for _ in labels]
     with atomic_dir(out) as folder:
