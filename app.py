@@ -17,8 +17,9 @@ def main() -> None:
                              "default: $VAN_MODEL, else the bundled export under checkpoints/")
     parser.add_argument("--local-models", action=argparse.BooleanOptionalAction,
                         default=not os.environ.get("SPACE_ID"),
-                        help="let the page load models from this machine's files by path "
-                             "(default: on, except on a Hugging Face Space, which sets $SPACE_ID)")
+                        help="let visitors load models from this machine's files by path, and variants with random "
+                             "weights; off, they choose among the startup model, official pretrained weights and Hub "
+                             "repos of bounded size (default: on, except on a Hugging Face Space, which sets $SPACE_ID)")
     args = parser.parse_args()
     build_demo(args.model, root=Path(__file__).resolve().parent,
                allow_local=args.local_models).launch(**launch_options())

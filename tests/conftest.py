@@ -6,8 +6,12 @@ import base64
 import hashlib
 import json
 import os
+import socket
 import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +25,11 @@ from PIL import Image
 TINY_RUN = ["--model", "van_micro", "--pretrained", "none", "--img-size", "32", "--batch-size", "4",
             "--workers", "0", "--epochs", "1"]
 TOKEN = "hf_localtesttoken0123456789"
+ROOT = Path(__file__).resolve().parents[1]
+# Labels and a folder name that are HTML and Markdown: the page must show them as text.
+HOSTILE_LABELS = ['<img class="evil" src=x onerror="window.__pwned=1">', '<b class="evil">bold</b>',
+                  '<a class="evil" href="https://example.com">link</a>', "**stars** [md](https://example.com) $$x$$"]
+HOSTILE_FOLDER = '<img class=evil src=x onerror="window.__pwned=2">'
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the one revision every fake Hub repo is at
 
 
@@ -151,3 +160,66 @@ def commits(server: ThreadingHTTPServer) -> list[list[dict]]:
 def committed_files(commit: list[dict]) -> dict[str, bytes]:
     """``{path in repo: content}`` of the file operations in one commit."""
     return {op["value"]["path"]: base64.b64decode(op["value"]["content"]) for op in commit if op["key"] == "file"}
+
+
+def serve_app(model: str, env: dict[str, str] | None = None, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """``python app.py`` with ``VAN_MODEL=model`` (and ``env``) on a free local port, once it answers HTTP."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    full_env = dict(os.environ, VAN_MODEL=model, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
+                    GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", **(env or {}))
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=full_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited with {process.returncode}:\n{process.stdout.read()}")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return process, url
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"app.py did not answer on {url} within {timeout} s")
+
+
+def stop_app(process: subprocess.Popen) -> None:
+    """Terminate an app started by ``serve_app`` and reap it."""
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def app_server() -> Iterator[tuple[subprocess.Popen, str]]:
+    """(process, URL) of one ``python app.py`` (VAN_MODEL=van_micro) shared by the app and browser tests."""
+    process, url = serve_app("van_micro")
+    try:
+        yield process, url
+    finally:
+        stop_app(process)
+
+
+@pytest.fixture(scope="session")
+def app_url(app_server: tuple[subprocess.Popen, str]) -> str:
+    """URL of the shared app."""
+    return app_server[1]
+
+
+@pytest.fixture(scope="session")
+def hostile_export(tmp_path_factory) -> Path:
+    """A van_micro export named ``HOSTILE_FOLDER`` whose labels are ``HOSTILE_LABELS``."""
+    from safetensors.torch import save_file
+
+    from van_app import load_model
+    from van_app.export import RunInfo, export_config
+    from van_app.files import EXPORT_CONFIG, EXPORT_WEIGHTS, write_json
+    from van_app.predict import data_config
+
+    folder = tmp_path_factory.mktemp("hostile") / HOSTILE_FOLDER
+    model = load_model("van_micro", num_classes=len(HOSTILE_LABELS))
+    run = RunInfo("hostile labels", {}, {}, "tests/conftest.py")
+    write_json(folder / EXPORT_CONFIG, export_config(model, HOSTILE_LABELS, data_config(model), run))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / EXPORT_WEIGHTS))
+    return folder

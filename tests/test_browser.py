@@ -1,19 +1,22 @@
-"""The page in a real headless Chromium (Debian's, driven by playwright): upload, labels, heatmaps, class evidence."""
+"""The page in a real headless Chromium (Debian's, driven by playwright): upload, labels, heatmaps, class evidence,
+and text from a model or a folder name shown as text, never as HTML."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from conftest import HOSTILE_FOLDER, HOSTILE_LABELS, ROOT
 from PIL import Image
-from test_app import ROOT, shared_app
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 EXAMPLE = ROOT / "examples" / "circle.png"
+# Elements the hostile labels and folder name would create if they were rendered as HTML, and their script's mark.
+INJECTED = "document.querySelectorAll('.evil').length + (window.__pwned ? 100 : 0)"
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +32,9 @@ def browser():
 
 
 @pytest.fixture
-def page(browser):
+def page(browser, app_url):
     page = browser.new_page(viewport={"width": 1400, "height": 1400})
-    page.goto(shared_app())
+    page.goto(app_url)
     page.wait_for_selector("input[type=file]", state="attached", timeout=60_000)
     yield page
     page.close()
@@ -44,6 +47,13 @@ def upload(page, path: Path = EXAMPLE) -> None:
         "[...document.querySelectorAll('#overlays img')].filter(i => i.complete && i.naturalWidth > 0).length >= 5",
         timeout=60_000,
     )
+
+
+def load_typed(page, source: str) -> None:
+    """Open the model panel, type ``source`` and press Load."""
+    page.get_by_text("Model", exact=True).first.click()
+    page.get_by_label("Hub repo id (owner/name) or local export directory").fill(source)
+    page.get_by_role("button", name="Load", exact=True).click()
 
 
 def test_page_states_random_weights_and_class_agnostic_maps(page):
@@ -75,3 +85,27 @@ def test_picking_a_class_shows_its_evidence(page):
         arg=before, timeout=60_000,
     )
     assert "error" not in page.inner_text("body").lower()
+
+
+def test_labels_and_folder_names_from_a_model_show_as_text(page, hostile_export):
+    load_typed(page, str(hostile_export))
+    page.wait_for_function("document.querySelector('#model-info').innerText.includes('bold')", timeout=60_000)
+    upload(page)
+    page.wait_for_function("document.querySelector('#labels').innerText.includes('%')", timeout=60_000)
+    page.locator("#target input").click()
+    page.wait_for_selector("[role=option]", timeout=10_000)
+    info, labels = page.inner_text("#model-info"), page.inner_text("#labels")
+    options = page.locator("[role=option]").all_inner_texts()
+    assert page.evaluate(INJECTED) == 0
+    assert HOSTILE_FOLDER in info and all(label in info for label in HOSTILE_LABELS)
+    assert all(label in labels for label in HOSTILE_LABELS) and set(HOSTILE_LABELS) <= set(options)
+
+
+def test_error_pop_up_shows_a_folder_name_as_text(page, tmp_path):
+    folder = tmp_path / HOSTILE_FOLDER
+    folder.mkdir()
+    load_typed(page, str(folder))
+    toast = page.get_by_test_id("toast-body")
+    toast.wait_for(timeout=30_000)
+    assert f"{HOSTILE_FOLDER}: no config.json" in toast.inner_text()
+    assert page.evaluate(INJECTED) == 0

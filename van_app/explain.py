@@ -51,7 +51,7 @@ from timm.data.transforms import CenterCropOrPad, MaybePILToTensor, MaybeToTenso
 from torch import nn
 from torchvision import transforms
 
-from .images import to_rgb
+from .images import display_size, to_rgb
 from .model import capture_attention
 from .predict import _eval_transform, data_config, preprocess
 
@@ -290,15 +290,6 @@ class ClassMapCache:
             while len(self._entries) > self.maxsize:
                 self._entries.popitem(last=False)
             return maps
-
-
-def display_size(image_size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
-    """``image_size`` scaled down (aspect kept) so its longer side is at most ``max_side``."""
-    w, h = image_size
-    if max_side is None or max(w, h) <= max_side:
-        return w, h
-    factor = max_side / max(w, h)
-    return max(1, round(w * factor)), max(1, round(h * factor))
 
 
 def render(heatmap: Heatmap, geometry: Geometry, size: tuple[int, int] | None = None

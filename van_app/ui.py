@@ -1,120 +1,78 @@
 """The Gradio page: classify an image with a VAN and show where its Large Kernel Attention looks.
 
-``build_demo(...)`` only arranges components and wires events; the work is done by
-the functions above it (``read_image``, ``ModelStore``, ``run_prediction``, ...), which
-call ``explain``. Models are loaded once per process and shared by all sessions; each
-session keeps its chosen model and its last result in ``gr.State``.
+``build_demo(...)`` only arranges components and wires events to the top-level
+handlers above it, each bound to the page's ``Page`` (models, results, settings).
+What a public page needs is decided here:
+
+- Images are read by ``read_upload`` only, never by gradio (events run with
+  ``preprocess=False``): the file's bytes, format and declared pixels are checked
+  from its header before any pixel is decoded, whether it came as an upload, an
+  example, a ``data:`` URL or a URL (fetched by ``serving.fetch_limited``); only
+  files in gradio's upload folder are read. Request bodies are capped before
+  gradio parses them (``serving.BodyLimit``).
+- All model work (prediction, class maps, loads) shares one concurrency limit
+  (``WORK``); past ``MAX_QUEUE`` waiting events the page says the app is busy.
+- Sessions hold a key (``gr.State``); results live in a bounded ``ResultStore``;
+  gradio's cache is cleaned on a schedule.
+- Everything from a model, a file or a visitor is escaped before it is shown
+  (Markdown panels and error pop-ups render HTML).
+- ``allow_local=False`` (a public deployment such as a Space): no server paths,
+  no random-weight variants, and at most ``MAX_MODEL_BYTES`` of weights per load.
 """
 
 from __future__ import annotations
 
+import html
+import logging
 import os
-import threading
+import re
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import PIL.Image
-import torch
-from torch import nn
+from starlette.middleware import Middleware
 
+from . import VARIANTS
+from .errors import first_line
+from .explain import Analysis, Heatmap, analyse, overlay
 from .files import is_image_file
-from .explain import Analysis, ClassMapCache, Heatmap, analyse, display_size, overlay
-from .fuse import fuse
-from .images import BadImageError, open_image
-from .model import VARIANTS
-from .weights import CheckpointError, load_model
+from .images import BadImageError, ImageLimits, ImageTooLargeError, data_url_bytes, open_image
+from .serving import BodyLimit, LoadedModel, ModelKey, ModelStore, ResultStore, fetch_limited, request_limit
+from .weights import pretrained_variants
+
+logger = logging.getLogger(__name__)
 
 COLORMAPS = ("turbo", "jet", "inferno", "viridis", "magma", "coolwarm")
-OFFICIAL_VARIANTS = ("van_b0", "van_b1", "van_b2", "van_b3")
-MAX_FILE_SIZE = "10mb"
+MAX_FILE_BYTES = 10 * 2**20
 MAX_PIXELS = 40_000_000
+# One load on a public page: the largest official weights (van_b3, about 180 MB) fit, a 200M-parameter model does not.
+MAX_MODEL_BYTES = 256 * 2**20
 # Uploads are scaled to at most this many pixels on the long side before anything else,
 # so prediction, class maps and overlays all see the same image.
 WORKING_SIDE = 1024
+WORK = "model"  # the concurrency id every event that runs a model or decodes an image shares
+WORK_LIMIT = 2
+MAX_QUEUE = 16
+MAX_RESULTS = 32
+RESULT_TTL = 900
+CACHE_CLEANUP = (600, 1800)  # every 10 minutes, delete cached uploads and outputs older than 30
+MAX_SESSIONS = 2000
 DEFAULT_CHOICE = "startup"
+EXPIRED = "This result has expired (results are kept for 15 minutes): classify the image again."
 STAGE_NOTE = (
     "**Stage maps are class-agnostic**: they show where the network's Large Kernel Attention "
     "gates its features unlike everywhere else (*where the network looks*), not evidence for any class. "
     "Pick a class below for the **evidence for that class** (Grad-CAM on the LKA attention)."
 )
-
-
-@dataclass(frozen=True)
-class ModelKey:
-    """What to load: anything ``load_model`` accepts, and whether to fetch official weights."""
-
-    source: str
-    pretrained: bool = False
-
-    @property
-    def random(self) -> bool:
-        """A registered variant without pretrained weights: randomly initialised."""
-        return self.source in VARIANTS and not self.pretrained
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to serve: the unfused one (class maps), its fused copy (prediction) and a forward lock."""
-
-    key: ModelKey
-    model: nn.Module
-    fused: nn.Module
-    class_maps: ClassMapCache
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def describe(self) -> str:
-        """Markdown: name, variant, size, input and labels, with a warning for random weights."""
-        params = sum(p.numel() for p in self.model.parameters())
-        labels = self.model.labels
-        shown = ", ".join(labels[:8]) + (f", … ({len(labels)} in all)" if len(labels) > 8 else "")
-        size = self.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-        name = Path(self.key.source).name if Path(self.key.source).is_dir() else self.key.source
-        weights = "⚠️ **random weights**: predictions are meaningless" if self.key.random else (
-            "official ImageNet-1k weights" if self.key.pretrained else "trained weights")
-        return (f"**{name}** · {self.model.variant} · {params / 1e6:.2f} M parameters · {size} px input · "
-                f"{weights}\n\nLabels: {shown}")
-
-
-class ModelStore:
-    """Models loaded once per process and shared by every session (least recently used dropped past ``maxsize``)."""
-
-    def __init__(self, maxsize: int = 3, device: str | None = None) -> None:
-        self.maxsize = maxsize
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self._models: OrderedDict[ModelKey, LoadedModel] = OrderedDict()
-        self._loading: dict[ModelKey, threading.Lock] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: ModelKey) -> LoadedModel:
-        """The loaded model for ``key``, loading, fusing and warming it up on first use (once per key)."""
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
-            loading = self._loading.setdefault(key, threading.Lock())
-        with loading:
-            with self._lock:
-                if key in self._models:
-                    return self._models[key]
-            loaded = self._load(key)
-            with self._lock:
-                self._models[key] = loaded
-                self._loading.pop(key, None)
-                while len(self._models) > self.maxsize:
-                    self._models.popitem(last=False)
-        return loaded
-
-    def _load(self, key: ModelKey) -> LoadedModel:
-        """Load, fuse and warm up one model."""
-        model = load_model(key.source, pretrained=key.pretrained).to(self.device)
-        loaded = LoadedModel(key, model, fuse(model), ClassMapCache(model))
-        width = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-        analyse(loaded.fused, PIL.Image.new("RGB", (width, width)))
-        return loaded
+# Markdown punctuation that could start emphasis, links, autolinks, code, headings, lists, tables or math
+# ("<", ">" and "&" become entities).
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-.!|~$:@])")
+_HUB_REPO = re.compile(r"(hf-hub:)?[\w.-]+/[\w.-]+")
 
 
 @dataclass(frozen=True)
@@ -138,6 +96,51 @@ class Result:
     class_maps: tuple[Heatmap, ...] = ()
 
 
+@dataclass
+class Page:
+    """What the handlers of one page share: models, results and settings."""
+
+    models: ModelStore
+    results: ResultStore
+    start: ModelKey
+    uploads: Path
+    allow_local: bool = True
+    k: int = 5
+    max_model_bytes: int | None = None  # what a visitor's choice may load (the startup model is the operator's)
+    limits: ImageLimits = field(default_factory=lambda: ImageLimits(MAX_FILE_BYTES, MAX_PIXELS))
+
+
+def page_error(message: str) -> gr.Error:
+    """A ``gr.Error`` shown literally: gradio renders error pop-ups as HTML."""
+    return gr.Error(html.escape(message))
+
+
+def markdown_text(text: object) -> str:
+    """``text`` on one line, shown literally inside Markdown (no HTML, emphasis, links or math)."""
+    line = " ".join(str(text).split())
+    return html.escape(_MARKDOWN_PUNCTUATION.sub(r"\\\1", line), quote=False)
+
+
+def is_random(key: ModelKey) -> bool:
+    """A registered variant without pretrained weights: randomly initialised."""
+    return key.source in VARIANTS and not key.pretrained
+
+
+def describe(loaded: LoadedModel) -> str:
+    """Markdown: name, variant, size, input and labels (all escaped), with a warning for random weights."""
+    model, key = loaded.model, loaded.key
+    params = sum(p.numel() for p in model.parameters())
+    labels = model.labels
+    shown = ", ".join(markdown_text(label) for label in labels[:8])
+    more = f", … ({len(labels)} in all)" if len(labels) > 8 else ""
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    name = Path(key.source).name if Path(key.source).is_dir() else key.source
+    weights = "⚠️ **random weights**: predictions are meaningless" if is_random(key) else (
+        "official ImageNet-1k weights" if key.pretrained else "trained weights")
+    return (f"**{markdown_text(name)}** · {markdown_text(model.variant)} · {params / 1e6:.2f} M parameters · "
+            f"{size} px input · {weights}\n\nLabels: {shown}{more}")
+
+
 def default_key(checkpoints: Path) -> ModelKey:
     """The bundled export (first directory under ``checkpoints`` with a config.json), else a random van_b0."""
     exports = sorted(p.parent for p in checkpoints.glob("*/config.json")) if checkpoints.is_dir() else []
@@ -151,23 +154,57 @@ def example_images(folder: Path) -> list[str]:
     return [str(p) for p in sorted(folder.iterdir()) if is_image_file(p)]
 
 
-def read_image(path: str | None) -> PIL.Image.Image:
-    """The upload at ``path`` as RGB scaled to ``WORKING_SIDE``, or a ``gr.Error`` saying what is wrong."""
-    if not path:
-        raise gr.Error("No image: upload, paste or take a picture first.")
+def read_upload(page: Page, payload: dict | None) -> PIL.Image.Image:
+    """The image an event carries (an uploaded file or a ``data:`` URL) as RGB scaled to ``WORKING_SIDE``.
+
+    Raises a ``gr.Error`` saying what is wrong; limits are checked before any pixel is decoded.
+    """
+    if not payload:
+        raise page_error("No image: upload, paste or take a picture first.")
+    name = Path(str(payload.get("orig_name") or "image")).name
+    url = str(payload.get("url") or "")
     try:
-        with PIL.Image.open(path) as probe:
-            width, height = probe.size
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
-        raise gr.Error(f"Not a readable image ({type(e).__name__}): use a PNG, JPEG, WebP, GIF, BMP or TIFF file.") from e
-    if width * height > MAX_PIXELS:
-        raise gr.Error(f"Image too large: {width}×{height} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels.")
-    try:
-        image = open_image(path)
+        if url.startswith("data:"):
+            source: Path | bytes = data_url_bytes(url, page.limits.max_bytes)
+        else:
+            source = Path(str(payload.get("path") or "")).resolve()
+            if not source.is_relative_to(page.uploads.resolve()) or not source.is_file():
+                raise page_error("Only images uploaded to this page can be classified: upload the file.")
+        return open_image(source, page.limits, WORKING_SIDE, name=name)
+    except ImageTooLargeError as e:
+        if e.what == "pixels" and e.size:
+            raise page_error(f"Image too large: {e.size[0]}×{e.size[1]} pixels; the limit is "
+                             f"{e.limit // 1_000_000} megapixels.") from e
+        raise page_error(f"Image too large: {first_line(e)}. Images may have at most "
+                         f"{e.limit // 2**20} MB.") from e
     except BadImageError as e:
-        raise gr.Error(f"Corrupt or unreadable image: {str(e).split(': ', 1)[-1]}") from e
-    size = display_size(image.size, WORKING_SIDE)
-    return image if size == image.size else image.resize(size, PIL.Image.LANCZOS)
+        raise page_error(f"{first_line(e)}.") from e
+
+
+def fetch_urls_within(component: gr.Image, max_bytes: int) -> gr.Image:
+    """``component`` whose URL inputs (sent by API clients) are downloaded by ``fetch_limited``, within ``max_bytes``.
+
+    Gradio downloads such a URL whole, before any handler runs, through the
+    component's ``async_move_resource_to_block_cache``; this instance's is wrapped
+    (subclassing a component would make gradio write a ``.pyi`` stub beside this module).
+    """
+    move = component.async_move_resource_to_block_cache
+
+    async def bounded(url_or_path: str | Path | None) -> str | None:
+        if not (isinstance(url_or_path, str) and url_or_path.startswith(("http://", "https://"))):
+            return await move(url_or_path)
+        try:
+            path = str(await fetch_limited(url_or_path, Path(component.GRADIO_CACHE), max_bytes))
+        except ImageTooLargeError as e:
+            raise page_error(f"Image too large: {first_line(e)}. Images may have at most {max_bytes // 2**20} MB."
+                             ) from e
+        except BadImageError as e:
+            raise page_error(f"Could not fetch the image URL: {first_line(e)}.") from e
+        component.temp_files.add(path)
+        return path
+
+    component.async_move_resource_to_block_cache = bounded
+    return component
 
 
 def gallery_items(result: Result, style: Style) -> list[tuple[PIL.Image.Image, str]]:
@@ -190,140 +227,181 @@ def slider_value(result: Result, style: Style) -> tuple[PIL.Image.Image, PIL.Ima
     return result.image, overlay(result.image, chosen, result.analysis.geometry, style.colormap, style.opacity)
 
 
-def load_for_page(store: ModelStore, key: ModelKey) -> LoadedModel:
-    """The model the picker asked for, or a ``gr.Error`` saying why it cannot be had (offline, bad folder, ...)."""
-    try:
-        return store.get(key)
-    except (CheckpointError, OSError, ValueError) as e:
-        raise gr.Error(f"Could not load {key.source}: {e}") from e
-
-
-def typed_source(text: str, allow_local: bool = True) -> ModelKey:
-    """The model key for the picker's text box, or a ``gr.Error``: empty, or a server path where those are off."""
-    source = text.strip()
-    if not source:
-        raise gr.Error("Type a Hub repo id (owner/name)" + (" or a local export directory" if allow_local else "")
-                       + " first.")
-    if not allow_local and (Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))):
-        raise gr.Error(f"Loading files from the server is turned off here; {source!r} is not a Hub repo id "
-                       "(owner/name).")
-    return ModelKey(source)
-
-
-def run_prediction(store: ModelStore, path: str | None, key: ModelKey, k: int = 5) -> Result:
-    """Read the upload and analyse it with the fused model (prediction and attention maps in one pass)."""
-    image = read_image(path)
-    loaded = store.get(key)
-    start = time.perf_counter()
-    with loaded.lock:
-        analysis = analyse(loaded.fused, image, k=k, blocks=True)
-    return Result(key, image, analysis, time.perf_counter() - start)
-
-
 def timing(result: Result) -> str:
     """Markdown with the time the prediction and the overlays took."""
     return (f"Time: {1000 * (result.seconds + result.render_seconds):.0f} ms: prediction and attention maps "
             f"{1000 * result.seconds:.0f} ms, overlays {1000 * result.render_seconds:.0f} ms")
 
 
-def launch_options() -> dict[str, Any]:
-    """``launch()`` arguments: 0.0.0.0:7860 unless GRADIO_SERVER_NAME / GRADIO_SERVER_PORT say otherwise."""
+def load_for_page(store: ModelStore, key: ModelKey, max_bytes: int | None = None) -> LoadedModel:
+    """The model ``key`` names, or a one-line ``gr.Error`` saying why it cannot be had, whatever the loader raised."""
+    try:
+        return store.get(key, max_bytes)
+    except Exception as e:  # noqa: BLE001 - the page shows every loader failure as one readable line
+        logger.warning("could not load %s", key.source, exc_info=True)
+        raise page_error(f"Could not load {key.source}: {first_line(e)}") from e
+
+
+def page_model(page: Page, key: ModelKey) -> LoadedModel:
+    """``load_for_page`` for ``key``, bounded by ``page.max_model_bytes`` unless it is the startup model."""
+    return load_for_page(page.models, key, None if key == page.start else page.max_model_bytes)
+
+
+def typed_source(text: str, allow_local: bool = True) -> ModelKey:
+    """The model key for the picker's text box, or a ``gr.Error`` saying why not.
+
+    Where ``allow_local`` is off only Hub repo ids pass: no server paths, and no bare
+    variant names (random weights serve no visitor).
+    """
+    source = text.strip()
+    if not source:
+        raise page_error("Type a Hub repo id (owner/name)" + (" or a local export directory" if allow_local else "")
+                         + " first.")
+    if allow_local:
+        return ModelKey(source)
+    if source in VARIANTS:
+        raise page_error(f"{source} has no trained weights here (random weights would serve no visitor): pick an "
+                         "official model above or type a Hub repo id (owner/name).")
+    if Path(source).expanduser().exists() or source.startswith(("/", ".", "~")) or not _HUB_REPO.fullmatch(source):
+        raise page_error(f"Loading files from the server is turned off here; {source!r} is not a Hub repo id "
+                         "(owner/name).")
+    return ModelKey(source)
+
+
+def predict(page: Page, image: dict | None, key: ModelKey, style: Style) -> tuple[dict[str, float], list, str]:
+    """Top-k labels, overlays and the key of the result kept for this session."""
+    picture = read_upload(page, image)
+    loaded = page_model(page, key)
+    start = time.perf_counter()
+    with loaded.lock:
+        analysis = analyse(loaded.fused, picture, k=page.k, blocks=True)
+    result = Result(key, picture, analysis, time.perf_counter() - start)
+    start = time.perf_counter()
+    items = gallery_items(result, style)
+    result = replace(result, render_seconds=time.perf_counter() - start)
+    return analysis.top, items, page.results.put(result)
+
+
+def predict_on_change(page: Page, image: dict | None, key: ModelKey, style: Style) -> tuple:
+    """``predict`` when there is an image; cleared outputs when it was removed."""
+    if not image:
+        return None, [], None
+    return predict(page, image, key, style)
+
+
+def details(page: Page, token: str | None, style: Style) -> tuple:
+    """The comparison slider, the timing line and a cleared class picker for the session's result."""
+    result = page.results.get(token)
+    if result is None:
+        return None, "", gr.update(value=None)
+    return slider_value(result, style), timing(result), gr.update(value=None)
+
+
+def explain_class(page: Page, label: str | None, token: str | None, style: Style) -> tuple[PIL.Image.Image, ...]:
+    """The comparison slider with the evidence for ``label`` (Grad-CAM on LKA attention), computed once."""
+    if token is None:
+        raise page_error("Classify an image first.")
+    result = page.results.get(token)
+    if result is None:
+        raise page_error(EXPIRED)
+    loaded = page_model(page, result.key)
+    if label not in loaded.model.labels:
+        raise page_error(f"Unknown class {label!r} for this model.")
+    maps = loaded.class_maps(result.image, loaded.model.labels.index(label))
+    result = replace(result, class_maps=tuple(maps))
+    page.results.put(result, token)
+    return slider_value(result, style)
+
+
+def restyle(page: Page, token: str | None, colormap: str, opacity: float, blocks: bool) -> tuple:
+    """The new style, and the gallery and slider redrawn with it (left as they are when the result expired)."""
+    if colormap not in COLORMAPS or not isinstance(opacity, (int, float)):
+        raise page_error(f"Unknown colormap {colormap!r} or opacity {opacity!r}.")
+    style = Style(colormap, min(1.0, max(0.0, float(opacity))), bool(blocks))
+    if token is None:
+        return style, [], None
+    result = page.results.get(token)
+    if result is None:
+        gr.Warning(html.escape(EXPIRED))
+        return style, gr.skip(), gr.skip()
+    return style, gallery_items(result, style), slider_value(result, style)
+
+
+def load(page: Page, key: ModelKey, progress: gr.Progress) -> tuple:
+    """The chosen key, its description and the class picker's new choices."""
+    progress(0, desc=f"Loading {key.source}")
+    loaded = page_model(page, key)
+    return key, describe(loaded), gr.update(choices=loaded.model.labels, value=None)
+
+
+def choose(page: Page, choice: str, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
+    """Load the startup model or an official pretrained variant picked in the radio."""
+    if choice == DEFAULT_CHOICE:
+        return load(page, page.start, progress)
+    if choice not in pretrained_variants():
+        raise page_error(f"{choice!r} is not one of the models offered here.")
+    return load(page, ModelKey(choice, pretrained=True), progress)
+
+
+def choose_source(page: Page, text: str, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
+    """Load the model typed in the text box (a Hub repo id; locally also a folder or a variant)."""
+    return load(page, typed_source(text, page.allow_local), progress)
+
+
+def bind(handler: Callable, page: Page) -> Callable:
+    """``handler`` with ``page`` as its first argument, keeping its name (gradio names events after it)."""
+    bound = partial(handler, page)
+    bound.__name__ = handler.__name__
+    return bound
+
+
+def launch_options(max_file_bytes: int = MAX_FILE_BYTES) -> dict[str, Any]:
+    """``launch()`` arguments: 0.0.0.0:7860 unless GRADIO_SERVER_NAME / GRADIO_SERVER_PORT say otherwise, and limits.
+
+    Request bodies are capped (``BodyLimit``) for every route, uploads at ``max_file_bytes``,
+    and gradio keeps the state of at most ``MAX_SESSIONS`` sessions.
+    """
     return dict(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-        max_file_size=MAX_FILE_SIZE,
+        max_file_size=max_file_bytes,
+        state_session_capacity=MAX_SESSIONS,
+        app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=request_limit(max_file_bytes))]},
     )
 
 
-def readable_upload_errors(component: gr.Image) -> gr.Image:
-    """``component`` whose undecodable uploads raise a readable ``gr.Error`` instead of a server traceback.
-
-    Wraps the instance's ``preprocess``: subclassing a component would make gradio
-    write a ``.pyi`` stub beside this module whenever it is imported.
-    """
-    preprocess = component.preprocess
-
-    def checked(payload: Any) -> Any:
-        try:
-            return preprocess(payload)
-        except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
-            raise gr.Error(f"Not an image ({type(e).__name__}): use a PNG, JPEG, WebP, GIF, BMP or TIFF file.") from e
-
-    component.preprocess = checked
-    return component
-
-
-def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5, concurrency: int = 2,
-               allow_local: bool = True) -> gr.Blocks:
+def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5, allow_local: bool = True,
+               work_limit: int = WORK_LIMIT, max_queue: int = MAX_QUEUE, results: ResultStore | None = None,
+               delete_cache: tuple[int, int] = CACHE_CLEANUP) -> gr.Blocks:
     """The app: ``model`` (anything ``load_model`` accepts) or the bundled export under ``root/checkpoints``.
 
-    ``allow_local=False`` (public deployments) limits the picker's text box to Hub repo ids.
+    ``allow_local=False`` (public deployments) limits the picker to the startup model,
+    official pretrained variants and Hub repo ids, each load to ``MAX_MODEL_BYTES``.
     """
     root = root or Path.cwd()
     store = ModelStore()
-    start_key = ModelKey(model) if model else default_key(root / "checkpoints")
-    startup = store.get(start_key)
-    start_label = ("Random van_b0 (no bundled model yet)" if start_key == ModelKey("van_b0") and not model
-                   else f"Startup model: {Path(start_key.source).name or start_key.source}")
+    start = ModelKey(model) if model else default_key(root / "checkpoints")
+    startup = store.get(start)
+    start_label = ("Random van_b0 (no bundled model yet)" if start == ModelKey("van_b0") and not model
+                   else f"Startup model: {Path(start.source).name or start.source}")
     choices = [(start_label, DEFAULT_CHOICE)] + [(f"{v} · ImageNet-1k (official, downloaded on demand)", v)
-                                                 for v in OFFICIAL_VARIANTS]
+                                                 for v in pretrained_variants()]
+    # Handlers get the raw values and check them themselves: gradio's checks decode images and repeat choices unescaped.
+    raw = dict(preprocess=False)
+    work = dict(concurrency_id=WORK, concurrency_limit=work_limit, **raw)
 
-    def choose(choice: str, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
-        key = start_key if choice == DEFAULT_CHOICE else ModelKey(choice, pretrained=True)
-        return load(key, progress)
-
-    def choose_source(text: str, progress: gr.Progress = gr.Progress(track_tqdm=True)) -> tuple:
-        return load(typed_source(text, allow_local), progress)
-
-    def load(key: ModelKey, progress: gr.Progress) -> tuple:
-        progress(0, desc=f"Loading {key.source}")
-        loaded = load_for_page(store, key)
-        return key, loaded.describe(), gr.update(choices=loaded.model.labels, value=None)
-
-    def predict(path: str | None, key: ModelKey, style: Style) -> tuple:
-        result = run_prediction(store, path, key, k)
-        start = time.perf_counter()
-        items = gallery_items(result, style)
-        result = replace(result, render_seconds=time.perf_counter() - start)
-        return result.analysis.top, items, result
-
-    def predict_on_change(path: str | None, key: ModelKey, style: Style) -> tuple:
-        if not path:
-            return None, [], None
-        return predict(path, key, style)
-
-    def details(result: Result | None, style: Style) -> tuple:
-        if result is None:
-            return None, "", gr.update(value=None)
-        return slider_value(result, style), timing(result), gr.update(value=None)
-
-    def explain_class(label: str | None, result: Result | None, style: Style) -> tuple:
-        if result is None:
-            raise gr.Error("Classify an image first.")
-        loaded = store.get(result.key)
-        if label not in loaded.model.labels:
-            raise gr.Error(f"Unknown class {label!r} for this model.")
-        maps = loaded.class_maps(result.image, loaded.model.labels.index(label))
-        result = replace(result, class_maps=tuple(maps))
-        return slider_value(result, style), result
-
-    def restyle(result: Result | None, colormap: str, opacity: float, blocks: bool) -> tuple:
-        style = Style(colormap, float(opacity), bool(blocks))
-        if result is None:
-            return style, [], None
-        return style, gallery_items(result, style), slider_value(result, style)
-
-    with gr.Blocks(title="VAN Studio: what a Visual Attention Network sees") as demo:
-        current = gr.State(start_key)
+    with gr.Blocks(title="VAN Studio: what a Visual Attention Network sees", delete_cache=delete_cache) as demo:
+        current = gr.State(start)
         style = gr.State(Style())
-        result = gr.State(None, time_to_live=900)
+        result = gr.State(None, time_to_live=RESULT_TTL)
         gr.Markdown("# VAN Studio: what a Visual Attention Network sees\n"
                     "Classify an image and see where each stage's Large Kernel Attention looks.")
         with gr.Row():
             with gr.Column(scale=1):
-                image = readable_upload_errors(gr.Image(type="filepath", image_mode=None,
-                                                        sources=["upload", "clipboard", "webcam"],
-                                                        height=280, label="Image (upload, paste or webcam)"))
+                image = fetch_urls_within(gr.Image(type="filepath", image_mode=None,
+                                                   sources=["upload", "clipboard", "webcam"],
+                                                   height=280, label="Image (upload, paste or webcam)"),
+                                          MAX_FILE_BYTES)
                 button = gr.Button("Classify and explain", variant="primary")
                 examples = example_images(root / "examples")
                 if examples:
@@ -331,7 +409,7 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
             with gr.Column(scale=1):
                 labels = gr.Label(num_top_classes=k, label="Top predictions", elem_id="labels")
                 elapsed = gr.Markdown()
-                info = gr.Markdown(startup.describe())
+                info = gr.Markdown(describe(startup), latex_delimiters=[], elem_id="model-info")
         gr.Markdown(STAGE_NOTE)
         gallery = gr.Gallery(label="Where the network looks (class-agnostic): stages and combined",
                              columns=5, rows=1, height=260, object_fit="contain", format="jpeg",
@@ -353,19 +431,25 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
                                                                         if allow_local else ""), scale=3)
                 load_button = gr.Button("Load", scale=1)
 
-        predicted = button.click(predict, [image, current, style], [labels, gallery, result], api_name="predict")
-        changed = image.change(predict_on_change, [image, current, style], [labels, gallery, result],
-                               api_visibility="private")
+        page = Page(store, results or ResultStore(MAX_RESULTS, RESULT_TTL), start, Path(image.GRADIO_CACHE),
+                    allow_local, k, None if allow_local else MAX_MODEL_BYTES)
+        predicted = button.click(bind(predict, page), [image, current, style], [labels, gallery, result],
+                                 api_name="predict", **work)
+        changed = image.change(bind(predict_on_change, page), [image, current, style], [labels, gallery, result],
+                               api_visibility="private", **work)
         for event in (predicted, changed):
-            event.success(details, [result, style], [compare, elapsed, target], api_visibility="private")
-        target.input(explain_class, [target, result, style], [compare, result], api_visibility="private")
+            event.success(bind(details, page), [result, style], [compare, elapsed, target], api_visibility="private",
+                          **raw)
+        target.input(bind(explain_class, page), [target, result, style], [compare], api_visibility="private",
+                     **work)
         for control in (colormap.change, blocks.change, opacity.release):
-            control(restyle, [result, colormap, opacity, blocks], [style, gallery, compare],
-                    api_visibility="private")
-        for loaded in (picker.input(choose, [picker], [current, info, target], api_visibility="private"),
-                       load_button.click(choose_source, [source], [current, info, target],
-                                         api_visibility="private")):
-            loaded.success(predict_on_change, [image, current, style], [labels, gallery, result],
-                           api_visibility="private").success(
-                details, [result, style], [compare, elapsed, target], api_visibility="private")
-    return demo.queue(default_concurrency_limit=concurrency, max_size=64)
+            control(bind(restyle, page), [result, colormap, opacity, blocks], [style, gallery, compare],
+                    api_visibility="private", **work)
+        for loaded in (picker.input(bind(choose, page), [picker], [current, info, target],
+                                    api_visibility="private", **work),
+                       load_button.click(bind(choose_source, page), [source], [current, info, target],
+                                         api_visibility="private", **work)):
+            loaded.success(bind(predict_on_change, page), [image, current, style], [labels, gallery, result],
+                           api_visibility="private", **work).success(
+                bind(details, page), [result, style], [compare, elapsed, target], api_visibility="private", **raw)
+    return demo.queue(default_concurrency_limit=1, max_size=max_queue)
