@@ -47,8 +47,8 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from van_app import load_model, preprocess
-from van_app.explain import Geometry, Heatmap, class_maps, input_geometry, normalise, render, stage_maps
+from van_app import VAN, load_model, preprocess
+from van_app.explain import Geometry, Heatmap, MapKind, class_maps, input_geometry, normalise, render, stage_maps
 from van_app.localization import (
     area_share,
     bootstrap_ci,
@@ -61,7 +61,6 @@ from van_app.localization import (
 from van_app.model import capture_attention
 from van_app.predict import data_config
 from van_app.synthetic import SHAPES, Sample, generate
-from van_app.weights import build_model, infer_spec
 
 BASELINES = ("Grad-CAM", "centre Gaussian", "uniform", "random")
 APP_KINDS = tuple(f"stage {s}" for s in range(1, 5)) + ("combined",) + tuple(
@@ -133,6 +132,13 @@ def accuracy(model: torch.nn.Module, data: list[Sample], batch: int) -> float:
     return correct / len(data)
 
 
+def method_name(heatmap: Heatmap, reduction: str = "") -> str:
+    """A map's row in the tables ("stage 2", "class combined"; "mean stage 2" for the ``reduction`` variant)."""
+    where = "combined" if heatmap.kind is MapKind.COMBINED else f"stage {heatmap.stage + 1}"
+    prefix = reduction or ("class" if heatmap.target is not None else "")
+    return f"{prefix} {where}".strip()
+
+
 def shown(heatmap: Heatmap, geometry: Geometry) -> np.ndarray:
     """The map as the app draws it on the original image, (H, W) in [0, 1]."""
     return render(heatmap, geometry)[0]
@@ -150,12 +156,10 @@ def lka_maps(model: torch.nn.Module, data: list[Sample], batch: int) -> dict[str
         for i, (image, sample) in enumerate(zip(images, part)):
             geometry = input_geometry(model, image.size)
             own = {key: attn[i : i + 1] for key, attn in captured.items()}
-            agnostic = stage_maps(own, strides)
-            evidence = class_maps(model, image, label_of(model, sample))
-            found = dict(zip(APP_KINDS, agnostic + evidence))
+            app_maps = stage_maps(own, strides) + class_maps(model, image, label_of(model, sample))
+            found = {method_name(m): m for m in app_maps}
             for name, reduce in VARIANTS.items():
-                kinds = [f"{name} stage {s + 1}" for s in range(len(strides))] + [f"{name} combined"]
-                found.update(zip(kinds, stage_maps(own, strides, reduce)))
+                found.update({method_name(m, name): m for m in stage_maps(own, strides, reduce)})
             for name, heatmap in found.items():
                 maps.setdefault(name, []).append(shown(heatmap, geometry))
     return maps
@@ -164,14 +168,17 @@ def lka_maps(model: torch.nn.Module, data: list[Sample], batch: int) -> dict[str
 def gradcam_maps(model: torch.nn.Module, data: list[Sample], batch: int) -> list[np.ndarray]:
     """Grad-CAM (pytorch_grad_cam) on the last stage-4 block for the true class, drawn on the original image."""
     maps = []
-    with GradCAM(model=model, target_layers=[model.stages[-1].blocks[-1]]) as cam:
+    stage, block = len(model.stages) - 1, len(model.stages[-1].blocks) - 1
+    with GradCAM(model=model, target_layers=[model.stages[stage].blocks[block]]) as cam:
         for _, part in chunks(data, batch):
             images = [Image.fromarray(s.image) for s in part]
             x = torch.cat([preprocess(model, im) for im in images])
             out = cam(input_tensor=x, targets=[ClassifierOutputTarget(label_of(model, s)) for s in part])
-            for image, m in zip(images, out):
+            for image, sample, m in zip(images, part, out):
                 display, constant = normalise(m)
-                maps.append(shown(Heatmap("Grad-CAM", m, display, 1, constant), input_geometry(model, image.size)))
+                # pytorch_grad_cam upsamples its map to the model input: stride 1
+                heatmap = Heatmap(MapKind.BLOCK, m, display, 1, constant, stage, block, label_of(model, sample))
+                maps.append(shown(heatmap, input_geometry(model, image.size)))
     return maps
 
 
@@ -226,7 +233,7 @@ def score(model: torch.nn.Module, data: list[Sample], maps: dict[str, list[np.nd
 def randomised(model: torch.nn.Module, parts: list[str], seed: int) -> torch.nn.Module:
     """A copy of ``model`` whose parameters and buffers under ``parts`` (prefixes) are freshly initialised."""
     torch.manual_seed(seed)
-    fresh = build_model(infer_spec(model.state_dict())[0], model.num_classes).state_dict()
+    fresh = VAN(**model.model_args).state_dict()
     copied = copy.deepcopy(model)
     state = copied.state_dict()
     state.update({k: v for k, v in fresh.items() if any(k.startswith(p) for p in parts)})

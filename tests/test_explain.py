@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image, ImageDraw
 
-from van_app import fuse, load_model, preprocess
+from van_app import fuse, load_model, predict, preprocess
 from van_app.explain import (
     ClassMapCache,
     Heatmap,
+    MapKind,
     analyse,
     class_maps,
+    find_map,
     input_geometry,
     normalise,
     overlay,
@@ -44,15 +47,38 @@ def model() -> torch.nn.Module:
 
 def test_analyse_returns_one_map_per_stage_plus_combined(model):
     analysis = analyse(model, _off_centre(), k=3)
-    assert [m.title for m in analysis.maps] == ["Stage 1", "Stage 2", "Stage 3", "Stage 4", "Combined"]
-    assert [m.raw.shape for m in analysis.maps] == [(16, 16), (8, 8), (4, 4), (2, 2), (16, 16)]
-    assert len(analysis.top) == 3
+    assert sorted((m.kind, m.stage if m.stage is not None else -1) for m in analysis.maps) == sorted(
+        [(MapKind.STAGE, s) for s in range(4)] + [(MapKind.COMBINED, -1)])
+    assert [find_map(analysis.maps, MapKind.STAGE, s).raw.shape for s in range(4)] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    assert find_map(analysis.maps, MapKind.COMBINED).raw.shape == (16, 16)
+    assert all(m.target is None for m in analysis.maps) and len(analysis.top) == 3
 
 
 def test_block_maps_cover_every_block(model):
     analysis = analyse(model, _off_centre(), blocks=True)
-    blocks = [m.title for m in analysis.maps if "block" in m.title]
-    assert blocks == [f"Stage {s + 1} block {b + 1}" for (s, b), _ in lka_modules(model)]
+    blocks = [(m.stage, m.block) for m in analysis.maps if m.kind is MapKind.BLOCK]
+    assert blocks == [key for key, _ in lka_modules(model)]
+
+
+def test_analyse_works_on_a_plain_timm_model():
+    torch.manual_seed(0)
+    plain = timm.create_model("van_micro", num_classes=3).eval()
+    image = _off_centre()
+    assert analyse(plain, image, k=2).top == pytest.approx(predict(plain, image, k=2))
+
+
+def test_titles_say_what_each_map_is(model):
+    image = _off_centre()
+    titles = [m.title for m in analyse(model, image, blocks=True).maps if m.stage in (None, 1)]
+    assert titles == ["Stage 2", "Combined", "Stage 2 block 1"]
+    evidence = class_maps(model, image, 3)
+    assert [find_map(evidence, kind, stage).title for kind, stage in ((MapKind.STAGE, 0), (MapKind.COMBINED, None))
+            ] == ["Stage 1: evidence for class 3", "Evidence for class 3"]
+
+
+def test_a_missing_map_is_a_key_error(model):
+    with pytest.raises(KeyError, match="no block map for stage 0"):
+        find_map(analyse(model, _off_centre()).maps, MapKind.BLOCK, stage=0)
 
 
 def test_display_maps_are_in_unit_range_and_stage_maps_non_negative(model):
@@ -72,34 +98,36 @@ def test_stage_map_is_the_blocks_mean_squared_departure_from_each_channels_mean(
     for stage in range(4):
         attns = [a[0].double() for (s, _), a in sorted(captured.items()) if s == stage]
         expected.append(np.mean([((a - a.mean((1, 2), keepdim=True)) ** 2).mean(0).numpy() for a in attns], 0))
-    for heatmap, want in zip(analyse(model, image).maps, expected):
-        np.testing.assert_allclose(heatmap.raw, want, rtol=1e-4, atol=1e-7)
+    maps = analyse(model, image).maps
+    for stage, want in enumerate(expected):
+        np.testing.assert_allclose(find_map(maps, MapKind.STAGE, stage).raw, want, rtol=1e-4, atol=1e-7)
 
 
 def test_channel_offsets_do_not_move_the_stage_map():
     uniform = torch.zeros(1, 3, 4, 4)
     uniform[0, 1, 2, 3] = 1.0
     shifted = uniform + torch.tensor([5.0, -7.0, 2.0]).view(1, 3, 1, 1)
-    plain, moved = (stage_maps({(0, 0): a}, [4])[0] for a in (uniform, shifted))
+    plain, moved = (find_map(stage_maps({(0, 0): a}, [4]), MapKind.STAGE, 0) for a in (uniform, shifted))
     np.testing.assert_allclose(plain.raw, moved.raw, atol=1e-5)
     assert np.unravel_index(plain.display.argmax(), (4, 4)) == (2, 3)
 
 
 def test_spatially_uniform_attention_gives_a_constant_map():
     flat = torch.arange(3.0).view(1, 3, 1, 1).expand(1, 3, 4, 4)
-    assert stage_maps({(0, 0): flat}, [4])[0].constant
+    assert find_map(stage_maps({(0, 0): flat}, [4]), MapKind.STAGE, 0).constant
 
 
 def test_stage_maps_match_the_unfused_model(model):
     plain = analyse(model, _off_centre())
     fused = analyse(fuse(model), _off_centre())
-    for a, b in zip(plain.maps, fused.maps):
+    for a in plain.maps:
+        b = find_map(fused.maps, a.kind, a.stage, a.block)
         np.testing.assert_allclose(a.raw, b.raw, rtol=1e-3, atol=1e-4)
 
 
 def test_one_cell_map_is_flagged_constant():
     analysis = analyse(_tiny(32), _off_centre())
-    last = analysis.maps[3]
+    last = find_map(analysis.maps, MapKind.STAGE, 3)
     assert last.raw.shape == (1, 1) and last.constant
     assert not last.display.any()
 
@@ -118,7 +146,7 @@ def test_class_map_without_positive_evidence_is_flagged():
 
 def test_overlay_of_constant_map_leaves_image_uncoloured(model):
     image = _off_centre()
-    flat = Heatmap("flat", np.ones((2, 2), np.float32), np.zeros((2, 2), np.float32), 32, True)
+    flat = Heatmap(MapKind.STAGE, np.ones((2, 2), np.float32), np.zeros((2, 2), np.float32), 32, True, stage=3)
     out = overlay(image, flat, input_geometry(model, image.size), opacity=1.0)
     assert np.array_equal(np.asarray(out), np.asarray(image))
 
@@ -135,7 +163,7 @@ def test_render_undoes_the_crop_on_a_non_square_image(model):
     image = _off_centre()
     batch = preprocess(model, image)[0, 0].numpy()
     # the model input itself as a stride-1 map must come back onto the original where it was taken
-    stride_one = Heatmap("input", batch, normalise(batch)[0], 1, False)
+    stride_one = Heatmap(MapKind.STAGE, batch, normalise(batch)[0], 1, False, stage=0)
     values, (left, top, right, bottom) = render(stride_one, input_geometry(model, image.size))
     original = np.asarray(image.convert("L"), np.float32)
     disc = original[top:bottom, left:right] > 128
@@ -151,7 +179,7 @@ def test_render_centres_cells_on_their_receptive_fields(model):
     geometry = input_geometry(model, image.size)
     grid = np.zeros((4, 4), np.float32)
     grid[2, 1] = 1.0  # cell (2, 1) of a stride-16 grid is centred on input pixel (y=32, x=16)
-    values, _ = render(Heatmap("cell", grid, grid, 16, False), geometry, size=geometry.input_size)
+    values, _ = render(Heatmap(MapKind.STAGE, grid, grid, 16, False, stage=2), geometry, size=geometry.input_size)
     # with input = scale * original - offset and a same-size output, the peak lands where that pixel came from
     peak_y, peak_x = np.unravel_index(values.argmax(), values.shape)
     expected_x = (16 + 0.5 + geometry.offset[0]) / geometry.scale[0]
@@ -162,7 +190,8 @@ def test_render_centres_cells_on_their_receptive_fields(model):
 def test_overlay_colours_only_inside_the_crop(model):
     image = _off_centre()
     analysis = analyse(model, image)
-    out = np.asarray(overlay(image, analysis.maps[-1], analysis.geometry, "jet", 0.6)).astype(int)
+    combined = find_map(analysis.maps, MapKind.COMBINED)
+    out = np.asarray(overlay(image, combined, analysis.geometry, "jet", 0.6)).astype(int)
     changed = np.abs(out - np.asarray(image).astype(int)).sum(-1) > 0
     columns = np.flatnonzero(changed.any(0))
     rows = np.flatnonzero(changed.any(1))
@@ -173,7 +202,7 @@ def test_overlay_colours_only_inside_the_crop(model):
 def test_overlay_opacity_and_colormap_change_the_result(model):
     image = _off_centre()
     analysis = analyse(model, image)
-    combined = analysis.maps[-1]
+    combined = find_map(analysis.maps, MapKind.COMBINED)
     a = np.asarray(overlay(image, combined, analysis.geometry, "jet", 0.3))
     b = np.asarray(overlay(image, combined, analysis.geometry, "jet", 0.9))
     c = np.asarray(overlay(image, combined, analysis.geometry, "viridis", 0.9))
@@ -183,14 +212,15 @@ def test_overlay_opacity_and_colormap_change_the_result(model):
 def test_overlay_keeps_size_and_aspect_up_to_max_side(model):
     image = _off_centre((300, 120))
     analysis = analyse(model, image)
-    assert overlay(image, analysis.maps[0], analysis.geometry).size == (300, 120)
-    assert overlay(image, analysis.maps[0], analysis.geometry, max_side=150).size == (150, 60)
+    stage_1 = find_map(analysis.maps, MapKind.STAGE, 0)
+    assert overlay(image, stage_1, analysis.geometry).size == (300, 120)
+    assert overlay(image, stage_1, analysis.geometry, max_side=150).size == (150, 60)
 
 
 def test_class_maps_differ_per_class(model):
     image = _off_centre()
     first, second = class_maps(model, image, 0), class_maps(model, image, 1)
-    assert [m.title for m in first][-1] == "Evidence for class_0"
+    assert {m.target for m in first} == {0} and {m.target for m in second} == {1}
     assert any(not np.allclose(a.raw, b.raw) for a, b in zip(first, second))
     assert all(0.0 <= m.display.min() and m.display.max() <= 1.0 for m in first)
 
@@ -204,7 +234,7 @@ def test_class_maps_remove_hooks_and_leave_no_gradients(model):
 def test_class_maps_work_inside_inference_mode(model):
     with torch.inference_mode():
         maps = class_maps(model, _off_centre(), 1)
-    assert np.isfinite(maps[-1].raw).all()
+    assert np.isfinite(find_map(maps, MapKind.COMBINED).raw).all()
 
 
 def test_class_map_cache_returns_the_stored_maps(model):
@@ -227,5 +257,6 @@ def test_maps_on_gpu_match_cpu(model):
     image = _off_centre()
     cpu = analyse(model, image)
     gpu = analyse(_tiny().cuda(), image)
-    np.testing.assert_allclose(cpu.maps[-1].display, gpu.maps[-1].display, atol=1e-3)
-    assert np.isfinite(class_maps(_tiny().cuda(), image, 1)[-1].display).all()
+    np.testing.assert_allclose(find_map(cpu.maps, MapKind.COMBINED).display,
+                               find_map(gpu.maps, MapKind.COMBINED).display, atol=1e-3)
+    assert np.isfinite(find_map(class_maps(_tiny().cuda(), image, 1), MapKind.COMBINED).display).all()

@@ -12,7 +12,7 @@ from PIL import Image
 from van_app import load_model, predict, preprocess
 from van_app.images import to_rgb
 from van_app.model import VAN
-from van_app.predict import data_config
+from van_app.predict import data_config, eval_transform, top_k
 
 LABELS = ["circle", "square", "star", "triangle", "hexagon"]
 
@@ -115,6 +115,20 @@ def test_preprocessing_follows_the_model_config(model: VAN) -> None:
     other.pretrained_cfg = dict(other.pretrained_cfg, input_size=(3, 40, 40), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     batch = preprocess(other, Image.new("RGB", (50, 50), "white"))
     torch.testing.assert_close(batch, torch.ones(1, 3, 40, 40))
+
+
+def test_eval_transform_is_the_preprocessing_of_the_model_config(model: VAN) -> None:
+    image = IMAGES["RGB"]()
+    torch.testing.assert_close(eval_transform(model)(image).unsqueeze(0), preprocess(model, image))
+    other = load_model("van_micro", num_classes=2)
+    other.pretrained_cfg = dict(other.pretrained_cfg, input_size=(3, 40, 40))
+    assert eval_transform(other)(image).shape == (3, 40, 40)
+
+
+def test_top_k_names_the_classes_of_a_model_without_labels() -> None:
+    bare = VAN(embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_classes=3)
+    assert top_k(bare, torch.tensor([0.0, 2.0, 1.0]), k=2) == pytest.approx(
+        {"class_1": 0.6652, "class_2": 0.2447}, abs=1e-4)
 
 
 def test_model_without_pretrained_cfg_still_gets_van_preprocessing() -> None:

@@ -31,6 +31,12 @@ A map without spatial variation (range at most 1e-5 of its largest magnitude, e.
 Display maps go back onto the original image through the model's own eval transform
 (resize, centre crop), sampled bicubically at the original pixels, so overlays line
 up with the image at its own size and aspect ratio; outside the crop nothing is drawn.
+
+Each ``Heatmap`` says what it is (``kind``, ``stage``, ``block``, ``target`` class);
+callers pick maps with ``find_map`` by those fields, never by title or position.
+Besides the page's ``analyse``, ``class_maps`` and ``overlay``, the measuring API is
+public too: ``render`` (a map on the original image, as values), ``normalise``,
+``input_geometry`` and ``stage_maps`` with its channel ``reduce`` (``benchmarks/heatmaps.py``).
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
 
 import matplotlib
@@ -53,7 +60,7 @@ from torchvision import transforms
 
 from .images import display_size, to_rgb
 from .model import capture_attention
-from .predict import _eval_transform, data_config, preprocess
+from .predict import eval_transform, preprocess, top_k
 
 CONSTANT_TOLERANCE = 1e-5
 # Eval-transform steps that change pixel values but not where they are.
@@ -73,15 +80,49 @@ class Geometry:
     offset: tuple[float, float]
 
 
+class MapKind(StrEnum):
+    """What a heatmap averages: one block's attention, a stage's blocks, or every stage combined."""
+
+    BLOCK = "block"
+    STAGE = "stage"
+    COMBINED = "combined"
+
+
 @dataclass(frozen=True)
 class Heatmap:
-    """One map on a stage grid: ``raw`` (native resolution; class maps are signed) and ``display`` (in [0, 1])."""
+    """One map on a stage grid: what it is, ``raw`` (native resolution; class maps are signed), ``display`` ([0, 1]).
 
-    title: str
+    ``stage`` and ``block`` count from 0 (None where the kind has none); ``target`` is the
+    class index whose evidence the map shows, None for the class-agnostic maps.
+    """
+
+    kind: MapKind
     raw: np.ndarray
     display: np.ndarray
     stride: int
     constant: bool
+    stage: int | None = None
+    block: int | None = None
+    target: int | None = None
+
+    @property
+    def title(self) -> str:
+        """What the map shows, in words ("Stage 2 block 1", "Combined", "Stage 1: evidence for class 3")."""
+        where = {MapKind.BLOCK: f"Stage {(self.stage or 0) + 1} block {(self.block or 0) + 1}",
+                 MapKind.STAGE: f"Stage {(self.stage or 0) + 1}", MapKind.COMBINED: "Combined"}[self.kind]
+        if self.target is None:
+            return where
+        return f"Evidence for class {self.target}" if self.kind is MapKind.COMBINED else (
+            f"{where}: evidence for class {self.target}")
+
+
+def find_map(maps: Iterable[Heatmap], kind: MapKind, stage: int | None = None, block: int | None = None) -> Heatmap:
+    """The map of ``kind`` (and ``stage``, ``block`` where given) in ``maps``; ``KeyError`` when there is none."""
+    for heatmap in maps:
+        if heatmap.kind is kind and stage in (None, heatmap.stage) and block in (None, heatmap.block):
+            return heatmap
+    raise KeyError(f"no {kind} map" + (f" for stage {stage}" if stage is not None else "")
+                   + (f" block {block}" if block is not None else ""))
 
 
 @dataclass(frozen=True)
@@ -95,9 +136,7 @@ class Analysis:
 
 def input_geometry(model: nn.Module, image_size: tuple[int, int]) -> Geometry:
     """The resize and crop that ``preprocess(model, image)`` applies to an image of ``image_size`` (w, h)."""
-    cfg = data_config(model)
-    transform = _eval_transform(tuple(cfg["input_size"]), cfg["interpolation"], tuple(cfg["mean"]),
-                                tuple(cfg["std"]), cfg["crop_pct"], cfg.get("crop_mode", "center"))
+    transform = eval_transform(model)
     (w, h), scale, offset = image_size, [1.0, 1.0], [0.0, 0.0]
     for step in transform.transforms:
         if isinstance(step, (transforms.Resize, ResizeKeepRatio)):
@@ -163,10 +202,10 @@ def normalise(raw: np.ndarray, positive: bool = False) -> tuple[np.ndarray, bool
     return np.clip((raw - low) / (high - low), 0.0, 1.0), False
 
 
-def _heatmap(title: str, raw: np.ndarray, stride: int, positive: bool = False) -> Heatmap:
-    """A ``Heatmap`` whose display map is ``normalise(raw, positive)``."""
+def _heatmap(kind: MapKind, raw: np.ndarray, stride: int, positive: bool = False, **where: int | None) -> Heatmap:
+    """A ``Heatmap`` whose display map is ``normalise(raw, positive)``; ``where``: its stage, block, target."""
     display, constant = normalise(raw, positive)
-    return Heatmap(title, raw.astype(np.float32), display, stride, constant)
+    return Heatmap(kind, raw.astype(np.float32), display, stride, constant, **where)
 
 
 def _sample(grid: np.ndarray, out_w: int, out_h: int, x0: float, y0: float, dx: float, dy: float) -> np.ndarray:
@@ -184,7 +223,7 @@ def _sample(grid: np.ndarray, out_w: int, out_h: int, x0: float, y0: float, dx: 
     return np.asarray(Image.fromarray(padded, "F").resize((out_w, out_h), Image.BICUBIC, box=box))
 
 
-def combine(maps: list[Heatmap], title: str, positive: bool = False) -> Heatmap:
+def combine(maps: list[Heatmap], positive: bool = False, target: int | None = None) -> Heatmap:
     """The mean of the non-constant display maps resampled onto the finest grid, normalised again."""
     finest = min(maps, key=lambda m: m.stride)
     h, w = finest.raw.shape
@@ -193,7 +232,7 @@ def combine(maps: list[Heatmap], title: str, positive: bool = False) -> Heatmap:
         for m in maps if not m.constant
     ]
     raw = np.mean(layers, axis=0) if layers else np.zeros((h, w), np.float32)
-    return _heatmap(title, raw, finest.stride, positive)
+    return _heatmap(MapKind.COMBINED, raw, finest.stride, positive, target=target)
 
 
 def departure(attn: torch.Tensor) -> torch.Tensor:
@@ -209,14 +248,14 @@ def stage_maps(captured: dict[tuple[int, int], torch.Tensor], strides: list[int]
     for stage, stride in enumerate(strides):
         attns = [a for (s, _), a in sorted(captured.items()) if s == stage]
         raw = torch.stack([reduce(a[0].float()) for a in attns]).mean(0)
-        maps.append(_heatmap(f"Stage {stage + 1}", raw.cpu().numpy(), stride))
-    return maps + [combine(maps, "Combined")]
+        maps.append(_heatmap(MapKind.STAGE, raw.cpu().numpy(), stride, stage=stage))
+    return maps + [combine(maps)]
 
 
 def block_maps(captured: dict[tuple[int, int], torch.Tensor], strides: list[int]) -> list[Heatmap]:
     """Per block: its ``departure`` map (class-agnostic)."""
     return [
-        _heatmap(f"Stage {s + 1} block {b + 1}", departure(attn[0]).cpu().numpy(), strides[s])
+        _heatmap(MapKind.BLOCK, departure(attn[0]).cpu().numpy(), strides[s], stage=s, block=b)
         for (s, b), attn in sorted(captured.items())
     ]
 
@@ -227,12 +266,10 @@ def analyse(model: nn.Module, image: Image.Image, k: int = 5, blocks: bool = Fal
     param = next(model.parameters())
     batch = preprocess(model, image).to(param.device, param.dtype)
     with torch.inference_mode(), capture_attention(model, detach=True) as captured:
-        probs = model(batch).float().softmax(-1)[0]
-        top = probs.topk(min(k, probs.numel()))
+        logits = model(batch)[0]
         strides = _strides(model)
         maps = stage_maps(captured, strides) + (block_maps(captured, strides) if blocks else [])
-    labels = {model.labels[i]: float(p) for p, i in zip(top.values.tolist(), top.indices.tolist())}
-    return Analysis(labels, maps, input_geometry(model, image.size))
+    return Analysis(top_k(model, logits, k), maps, input_geometry(model, image.size))
 
 
 def class_maps(model: nn.Module, image: Image.Image, index: int) -> list[Heatmap]:
@@ -241,7 +278,6 @@ def class_maps(model: nn.Module, image: Image.Image, index: int) -> list[Heatmap
     Runs its own pass with gradients on ``model`` (use the unfused model); hooks are
     removed afterwards and no parameter gradient is accumulated.
     """
-    label = model.labels[index]
     param = next(model.parameters())
     with torch.inference_mode(False), torch.enable_grad():
         batch = preprocess(model, to_rgb(image)).to(param.device, param.dtype).requires_grad_(True)
@@ -256,9 +292,9 @@ def class_maps(model: nn.Module, image: Image.Image, index: int) -> list[Heatmap
             alpha = grad[0].float().mean((1, 2))
             cam = (alpha[:, None, None] * captured[key][0].float()).sum(0)
             per_stage[key[0]] = per_stage.get(key[0], 0) + cam
-    maps = [_heatmap(f"Stage {s + 1}: evidence for {label}", per_stage[s].cpu().numpy(), strides[s], positive=True)
+    maps = [_heatmap(MapKind.STAGE, per_stage[s].cpu().numpy(), strides[s], positive=True, stage=s, target=index)
             for s in sorted(per_stage)]
-    return maps + [combine(maps, f"Evidence for {label}", positive=True)]
+    return maps + [combine(maps, positive=True, target=index)]
 
 
 def image_digest(image: Image.Image) -> str:

@@ -90,8 +90,8 @@ def data_url_bytes(url: str, max_bytes: int | None = None) -> bytes:
         raise BadImageError(f"data: URL is not valid base64 ({e})") from e
 
 
-def check_limits(image: Image.Image, limits: ImageLimits, name: str = "image") -> None:
-    """Raise ``ImageTooLargeError`` when the header of the opened (not yet decoded) ``image`` declares too many pixels."""
+def _check_pixels(image: Image.Image, limits: ImageLimits, name: str = "image") -> None:
+    """``ImageTooLargeError`` when the header of the opened, not yet decoded, ``image`` declares too many pixels."""
     width, height = image.size
     if limits.max_pixels is not None and width * height > limits.max_pixels:
         raise ImageTooLargeError(f"{name}: refused, {width}x{height} is more than the decompression-bomb limit of "
@@ -133,7 +133,7 @@ def open_image(source: str | Path | bytes, limits: ImageLimits | None = None, ma
             raise ImageTooLargeError(f"{name}: {size:,} bytes; the limit is {limits.max_bytes:,}",
                                      "bytes", size, limits.max_bytes)
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS) as image:
-            check_limits(image, limits, name)
+            _check_pixels(image, limits, name)
             if max_side is not None:
                 image.draft(None, display_size(image.size, max_side))  # JPEG: decode at a reduced scale
             image.load()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .explain import ClassMapCache, analyse
+from .files import IMAGE_SUFFIXES
 from .fuse import fuse
 from .images import BadImageError, ImageTooLargeError
 from .weights import load_model
@@ -256,7 +257,8 @@ async def fetch_limited(url: str, folder: Path, max_bytes: int, timeout: float =
                             raise ImageTooLargeError(f"more than {max_bytes:,} bytes", "bytes", len(data), max_bytes)
             except httpx.HTTPError as e:
                 raise BadImageError(f"download failed ({type(e).__name__})") from e
-        name = Path(urlparse(url).path).name or "image"
+        suffix = Path(urlparse(url).path).suffix.lower()
+        name = "download" + (suffix if suffix in IMAGE_SUFFIXES else "")
         target = folder / hashlib.sha256(url.encode()).hexdigest()[:32] / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(bytes(data))

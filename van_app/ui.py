@@ -39,7 +39,7 @@ from starlette.middleware import Middleware
 
 from . import VARIANTS
 from .errors import first_line
-from .explain import Analysis, Heatmap, analyse, overlay
+from .explain import Analysis, Heatmap, MapKind, analyse, find_map, overlay
 from .files import is_image_file
 from .images import BadImageError, ImageLimits, ImageTooLargeError, data_url_bytes, open_image
 from .serving import BodyLimit, LoadedModel, ModelKey, ModelStore, ResultStore, fetch_limited, request_limit
@@ -209,7 +209,7 @@ def fetch_urls_within(component: gr.Image, max_bytes: int) -> gr.Image:
 
 def gallery_items(result: Result, style: Style) -> list[tuple[PIL.Image.Image, str]]:
     """Overlays of every stage and the combined map (and each block if asked), with captions."""
-    maps = [m for m in result.analysis.maps if style.blocks or "block" not in m.title]
+    maps = [m for m in result.analysis.maps if style.blocks or m.kind is not MapKind.BLOCK]
     return [(overlay(result.image, m, result.analysis.geometry, style.colormap, style.opacity), caption(m))
             for m in maps]
 
@@ -222,8 +222,7 @@ def caption(heatmap: Heatmap) -> str:
 
 def slider_value(result: Result, style: Style) -> tuple[PIL.Image.Image, PIL.Image.Image]:
     """Original and overlay of the class map when one was asked for, else of the combined map."""
-    chosen = result.class_maps[-1] if result.class_maps else next(m for m in result.analysis.maps
-                                                                   if m.title == "Combined")
+    chosen = find_map(result.class_maps or result.analysis.maps, MapKind.COMBINED)
     return result.image, overlay(result.image, chosen, result.analysis.geometry, style.colormap, style.opacity)
 
 
@@ -237,7 +236,7 @@ def load_for_page(store: ModelStore, key: ModelKey, max_bytes: int | None = None
     """The model ``key`` names, or a one-line ``gr.Error`` saying why it cannot be had, whatever the loader raised."""
     try:
         return store.get(key, max_bytes)
-    except Exception as e:  # noqa: BLE001 - the page shows every loader failure as one readable line
+    except Exception as e:
         logger.warning("could not load %s", key.source, exc_info=True)
         raise page_error(f"Could not load {key.source}: {first_line(e)}") from e
 
@@ -387,8 +386,8 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
     choices = [(start_label, DEFAULT_CHOICE)] + [(f"{v} · ImageNet-1k (official, downloaded on demand)", v)
                                                  for v in pretrained_variants()]
     # Handlers get the raw values and check them themselves: gradio's checks decode images and repeat choices unescaped.
-    raw = dict(preprocess=False)
-    work = dict(concurrency_id=WORK, concurrency_limit=work_limit, **raw)
+    raw = {"preprocess": False}
+    work = {"concurrency_id": WORK, "concurrency_limit": work_limit, **raw}
 
     with gr.Blocks(title="VAN Studio: what a Visual Attention Network sees", delete_cache=delete_cache) as demo:
         current = gr.State(start)
