@@ -222,6 +222,13 @@ def test_server_files_outside_the_upload_folder_are_not_read(app_url):
 
 
 @slow
+def test_image_urls_are_fetched_from_public_addresses_only(app_url):
+    payload = {"path": "https://images.invalid/photo.png", "meta": {"_type": "gradio.FileData"}}
+    _, message = call_event(app_url, "predict", [payload, None, None])
+    assert error_of(message) == "Could not fetch the image URL: images.invalid does not resolve to a public address."
+
+
+@slow
 def test_animated_gif_is_classified_from_its_first_frame(client, tmp_path):
     frames = [Image.new("RGB", (40, 30), colour) for colour in ((200, 0, 0), (0, 200, 0), (0, 0, 200))]
     path = tmp_path / "anim.gif"

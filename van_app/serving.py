@@ -226,7 +226,7 @@ async def _transport_for(url: str) -> httpx.AsyncBaseTransport | None:
     try:
         return safehttpx.AsyncSecureTransport(await safehttpx.async_validate_url(host))
     except ValueError as e:
-        raise BadImageError(f"{host}: not a public address, refused") from e
+        raise BadImageError(f"{host} does not resolve to a public address") from e
 
 
 async def fetch_limited(url: str, folder: Path, max_bytes: int, timeout: float = 20.0,
