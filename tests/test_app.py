@@ -604,5 +604,5 @@ def test_a_space_offers_only_models_with_weights(space_url):
 def test_a_space_refuses_a_random_variant_at_once(space_url):
     start = time.perf_counter()
     _, message = call_event(space_url, "choose_source", ["van_b6"])
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 3.0  # loading it took 8-40 s and 2-3 GB
     assert error_of(message).startswith("van_b6 has no trained weights here")
