@@ -118,7 +118,7 @@ def test_model_card_explains_labels_loading_and_reproduction(trained):
     text = ModelCard.load(out / "README.md").text
     assert "| 2 | owl |" in text
     assert "van_app.load_model(" in text and "python app.py --model" in text
-    assert "van-finetune --data pets --batch-size 4" in text
+    assert "van-finetune --data pets --crop-scale 0.35 --auto-augment none --batch-size 4" in text
 
 
 def test_reload_reproduces_the_validation_accuracy(trained):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import shutil
 import signal
 import subprocess
@@ -18,10 +19,10 @@ import torch
 import van_app
 from conftest import TINY_RUN, commits, committed_files, fake_hub, hub_env, make_image_folders, run_cli
 from van_app.cli import build_parser, main, newest_checkpoint, parse_config
-from van_app.config import TrainConfig
+from van_app.config import TrainConfig, from_scratch
 from van_app.errors import CheckpointError, UsageError
 from van_app.files import EXPORT_FILES
-from van_app.module import (AtomicCheckpointIO, FreezeBackbone, VanClassifier, cosine_with_warmup, create_classifier,
+from van_app.module import (AtomicCheckpointIO, FreezeBackbone, VanClassifier, WarmupCosine, create_classifier,
                             parameter_groups)
 from van_app.weights import load_model
 
@@ -414,7 +415,7 @@ def test_layer_decay_gives_early_layers_smaller_learning_rates():
 
 
 def test_schedule_warms_up_then_decays_to_its_floor():
-    factor = cosine_with_warmup(warmup_steps=4, total_steps=20, min_ratio=0.01)
+    factor = WarmupCosine(warmup_steps=4, total_steps=20, min_ratio=0.01)
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert factor(4) == pytest.approx(1.0) and factor(12) < factor(8) and factor(20) == pytest.approx(0.01)
 
@@ -454,3 +455,33 @@ def test_a_run_checkpoint_rebuilds_its_classifier(trained):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(module(x), exported(x))
+
+
+def test_from_scratch_recipe_fills_only_the_options_not_set():
+    config = parse_config(["--data", "photos", "--pretrained", "none", "--lr", "3e-4"])
+    scratch, line = from_scratch(config, image_side=100, on_gpu=False)
+    assert (scratch.model.layer_scale_init, scratch.model.drop_path, scratch.data.auto_augment) == (0.1, 0.0, None)
+    assert scratch.train.lr == 3e-4 and "--lr" not in line
+    assert line.startswith("no pretrained weights: from-scratch recipe --layer-scale-init 0.1")
+
+
+@pytest.mark.parametrize("side, on_gpu, size", [(100, False, 96), (28, False, 32), (3000, False, 128),
+                                                (3000, True, 224)])
+def test_from_scratch_image_size_follows_the_data(side, on_gpu, size):
+    scratch, _ = from_scratch(parse_config(["--data", "photos"]), image_side=side, on_gpu=on_gpu)
+    assert scratch.model.img_size == size
+
+
+def test_a_random_start_says_its_recipe_in_one_line_and_in_the_card(trained):
+    _, out, result = trained
+    line = next(line for line in result.stderr.splitlines() if "from-scratch recipe" in line)
+    assert line.startswith("warning: no pretrained weights: from-scratch recipe --layer-scale-init 0.1")
+    assert "--img-size" not in line  # set on the command line, so kept
+    assert "from-scratch recipe --layer-scale-init 0.1" in (out / "README.md").read_text()
+
+
+def test_progress_bar_fits_a_terminal_and_shows_the_best_epoch(trained):
+    _, _, result = trained
+    last = [line for line in re.split(r"[\r\n]", result.stdout) if line.startswith("Epoch 1:")][-1]
+    assert len(last) <= 110 and "best=" in last and "val=" in last and "img/s=" in last
+    assert last.index("best=") < last.index("loss=")

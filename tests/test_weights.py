@@ -769,3 +769,27 @@ def test_a_new_row_round_trips_an_export_through_timm(tmp_path: Path, new_row: s
     model = load_model(write_export(tmp_path / "export", source, ["yes", "no"]))
     assert model.variant == new_row and timm.create_model(new_row).model_args["depths"] == (1, 2, 1, 1)
     assert_same_weights(model, source)
+
+
+@pytest.fixture
+def unreachable_hub(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Online mode, an empty cache, and a Hub endpoint whose host does not resolve."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")
+    return hub_cache
+
+
+def test_unreachable_hub_fails_at_once_without_retries(unreachable_hub: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"not in the local Hugging Face cache and the Hub \(hub.invalid\) "
+                                              r"cannot be reached .*HF_HUB_OFFLINE=1"):
+        load_model("van_b0", pretrained=True)
+    assert time.monotonic() - started < 10  # huggingface_hub alone retries for ~24 s
+
+
+def test_cached_official_weights_load_without_asking_the_hub(unreachable_hub: Path) -> None:
+    expected = load_model("van_b0")
+    snapshot = cached_snapshot(unreachable_hub, "Visual-Attention-Network/VAN-Tiny-original")
+    torch.save({"state_dict": to_official(expected.state_dict())}, snapshot / "van_tiny_754.pth.tar")
+    assert_same_weights(load_model("van_b0", pretrained=True), expected)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import errno
+import json
 import logging
 import os
 import shlex
@@ -26,24 +27,20 @@ import time
 import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import (
-    ArgumentParser,
-    FinetuneConfig,
-    TrainConfig,
-    add_options,
-    default_of,
-    flag_of,
-    from_namespace,
-)
+from .config import (ArgumentParser, FinetuneConfig, TrainConfig, add_options, default_of, flag_of,
+                     from_namespace, from_scratch)
 from .errors import CheckpointError, DataError, HubError, UsageError, first_line
-from .files import EXPORT_CONFIG, EXPORT_WEIGHTS
+from .files import EXPORT_CONFIG, EXPORT_WEIGHTS, write_json
 from .variants import VARIANTS
+
+if TYPE_CHECKING:
+    from .budget import Plan
 
 USER_ERRORS = (DataError, CheckpointError, HubError, UsageError)
 EXIT_USAGE, EXIT_SIGTERM = 2, 143
-CHECKPOINTS, LOGS = "checkpoints", "logs"
+CHECKPOINTS, LOGS, PLAN_FILE = "checkpoints", "logs", "plan.json"
 INTERRUPTED = "interrupted"  # the checkpoint written when a run is stopped by SIGTERM, Ctrl-C or an error
 # Options that only say where files go or whether to publish them: not part of how a model is made.
 _NOT_RECIPE = {"output", "run_dir", "resume", "overwrite", "push_to_hub", "private", "workers"}
@@ -64,8 +61,13 @@ def build_parser() -> ArgumentParser:
 
 def parse_config(argv: list[str] | None = None) -> FinetuneConfig:
     """``van-finetune``'s command line as a checked ``FinetuneConfig`` (argparse exits with 2 on a bad value)."""
-    namespace = build_parser().parse_args(argv)
-    return FinetuneConfig(**{name: from_namespace(cls, namespace) for name, cls in FinetuneConfig.GROUPS.items()})
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    for action in parser._actions:  # parsed again without defaults: what is left is what the user set
+        action.default = argparse.SUPPRESS
+    explicit = frozenset(vars(parser.parse_args(argv)))
+    groups = {name: from_namespace(cls, namespace) for name, cls in FinetuneConfig.GROUPS.items()}
+    return FinetuneConfig(**groups, explicit=explicit)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,8 +160,8 @@ def newest_checkpoint(folder: Path) -> Path:
 
 
 def finetune(config: FinetuneConfig) -> int:
-    """The whole run: folders, Trainer, data, model, fit, export, push."""
-    started = time.perf_counter()
+    """The whole run: folders, Trainer, model, data, plan, fit, export, push."""
+    started = time.monotonic()
     _configure_output()
     import lightning as L
     import torch
@@ -167,7 +169,8 @@ def finetune(config: FinetuneConfig) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
     from timm.data import resolve_data_config
 
-    from .data import VanDataModule, find_layout
+    from .budget import Plan, TimeBudget
+    from .data import VanDataModule, find_layout, typical_short_side
     from .module import VanClassifier, create_classifier
 
     main_process = rank_zero_only.rank == 0
@@ -176,27 +179,46 @@ def finetune(config: FinetuneConfig) -> int:
     resume_from = prepare_folders(config) if main_process else None
     if not main_process and config.output.resume:
         resume_from = newest_checkpoint(run / CHECKPOINTS)
+    torch.set_num_threads(config.hardware.threads)
     # Denormal floats (tiny activations and gradients) slow CPU training several-fold; flush them to zero.
     torch.set_flush_denormal(True)
     L.seed_everything(config.data.seed, workers=True, verbose=False)
     trainer, best = _trainer(config, run)
 
+    scratch, _ = from_scratch(config, config.model.img_size, on_gpu=False)  # the model arguments only
     base = create_classifier(config.model.model, config.model.pretrained, len(layout.classes),
-                             config.model.drop_path, config.model.layer_scale_init)
-    if base.note and main_process:
-        print(f"warning: {base.note}", file=sys.stderr)
+                             config.model.drop_path, config.model.layer_scale_init,
+                             scratch={"drop_path_rate": scratch.model.drop_path,
+                                      "layer_scale_init": scratch.model.layer_scale_init})
+    recipe_line = ""
+    if base.random:
+        on_gpu = trainer.strategy.root_device.type == "cuda"
+        config, recipe_line = from_scratch(config, typical_short_side(layout), on_gpu)
+    if main_process:
+        for line in (base.note, recipe_line):
+            if line:
+                print(f"warning: {line}", file=sys.stderr)
     size = config.model.img_size
     base.model.pretrained_cfg = dict(base.model.pretrained_cfg, input_size=(3, size, size),
                                      crop_pct=config.model.crop_pct or base.model.pretrained_cfg["crop_pct"])
     dm = VanDataModule(config.data, resolve_data_config(model=base.model), run_dir=run, progress=main_process)
-    if main_process:  # scan and split now, so the table and the bad files are shown before training starts
-        dm.prepare_data()
-        dm.setup("fit")
-        print(dm.summary_table())
-        trainer.log_every_n_steps = min(50, max(1, len(dm.train_samples) // config.data.batch_size))
     train = config.train
     optim = replace(train, lr=TrainConfig().lr) if train.lr == "auto" else train  # the finder replaces lr
     module = VanClassifier(base.model, dm.classes, asdict(optim))
+    if main_process:  # scan, split and plan now, so the table, the bad files and the plan come before training
+        dm.prepare_data()
+        dm.setup("fit")
+        print(dm.summary_table())
+        plan = _plan(config, trainer, module, dm, resume_from, started)
+        print(plan.describe(size))
+        write_json(run / PLAN_FILE, asdict(plan))
+    else:
+        plan = Plan.from_json(json.loads((run / PLAN_FILE).read_text(encoding="utf-8")))
+    trainer.log_every_n_steps = min(50, plan.steps_per_epoch)
+    trainer.fit_loop.max_epochs = plan.epochs
+    trainer.limit_train_batches = plan.fraction if plan.fraction < 1 else 1.0
+    if train.time is not None:
+        trainer.callbacks.append(TimeBudget(started + train.time, plan))
 
     if train.lr == "auto" and resume_from is None:
         _find_lr(trainer, module, dm)
@@ -210,8 +232,29 @@ def finetune(config: FinetuneConfig) -> int:
     if not trainer.is_global_zero:
         return 0
     (run / CHECKPOINTS / f"{INTERRUPTED}.ckpt").unlink(missing_ok=True)  # the run went on past it
-    return _export_and_report(config, module, dm, best.best_model_path or best.last_model_path, base,
-                              time.perf_counter() - started)
+    return _export_and_report(config, module, dm, best.best_model_path or best.last_model_path, base, recipe_line,
+                              time.monotonic() - started)
+
+
+def _plan(config: FinetuneConfig, trainer: Any, module: Any, dm: Any, resume_from: Path | None,
+          started: float) -> Plan:
+    """Measure this machine's training and validation speed, then size the run (to the budget, with --time)."""
+    import torch
+
+    from .budget import Rates, measure, plan_run
+
+    world = trainer.world_size
+    rates = measure(module.model, dm.train_dataloader(), dm.val_dataloader(), trainer.strategy.root_device,
+                    forward_context=trainer.precision_plugin.forward_context())
+    rates = Rates(rates.train * world, rates.val * world)
+    done = 0
+    if resume_from is not None:
+        done = int(torch.load(resume_from, map_location="cpu", weights_only=True, mmap=True).get("epoch", 0))
+    budget = None if config.train.time is None else config.train.time - (time.monotonic() - started)
+    per_step = config.data.batch_size * world * config.train.accumulate
+    plan = plan_run(rates, len(dm.train_samples), len(dm.val_samples), per_step,
+                    config.train.epochs - done, budget)
+    return replace(plan, epochs=plan.epochs + done)
 
 
 def _trainer(config: FinetuneConfig, run: Path) -> tuple[Any, Any]:
@@ -222,19 +265,10 @@ def _trainer(config: FinetuneConfig, run: Path) -> tuple[Any, Any]:
     """
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.callbacks import (
-        EarlyStopping,
-        EMAWeightAveraging,
-        ModelCheckpoint,
-    )
+    from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from .module import (
-        AtomicCheckpointIO,
-        CheckpointOnInterrupt,
-        FreezeBackbone,
-        ThroughputBar,
-    )
+    from .module import AtomicCheckpointIO, CheckpointOnInterrupt, FreezeBackbone, ThroughputBar
 
     train, hardware, checkpoints = config.train, config.hardware, run / CHECKPOINTS
     # Both write last.ckpt: one after each validation, the other every N steps so a killed run can resume mid-epoch.
@@ -242,7 +276,8 @@ def _trainer(config: FinetuneConfig, run: Path) -> tuple[Any, Any]:
                            save_last=True, enable_version_counter=False)
     last = ModelCheckpoint(dirpath=checkpoints, save_top_k=0, save_last=True,
                            every_n_train_steps=config.output.save_every_steps, enable_version_counter=False)
-    callbacks = [best, last, CheckpointOnInterrupt(checkpoints / f"{INTERRUPTED}.ckpt"), ThroughputBar()]
+    callbacks = [best, last, CheckpointOnInterrupt(checkpoints / f"{INTERRUPTED}.ckpt"), ThroughputBar(),
+                 LearningRateMonitor(logging_interval="step")]
     if train.freeze_epochs:
         callbacks.append(FreezeBackbone(train.freeze_epochs))
     if train.patience:
@@ -318,7 +353,7 @@ def training_record(config: FinetuneConfig, lr: float) -> tuple[dict[str, Any], 
     return args, shlex.join(command)
 
 
-def _export_and_report(config: FinetuneConfig, module: Any, dm: Any, best_path: str, base: Any,
+def _export_and_report(config: FinetuneConfig, module: Any, dm: Any, best_path: str, base: Any, recipe_line: str,
                        wall_time: float) -> int:
     """Export the best checkpoint's weights and metrics, print them, push when asked."""
     import torch
@@ -335,7 +370,7 @@ def _export_and_report(config: FinetuneConfig, module: Any, dm: Any, best_path: 
     training_args, command = training_record(config, module.lr)
     run = RunInfo(data_name=dm.data_dir.name, data_summary=dm.summary(), command=command,
                   training_args=training_args, license=config.output.license, base_model=base.base_model,
-                  local_start=base.local_start, note=base.note)
+                  local_start=base.local_start, note=base.note, recipe=recipe_line or None)
     export = config.export_dir
     metrics = write_export(export, model, dm.classes, dm.data_config, report, extra, run,
                            bad_files=dm.bad_files_text(), model_name=config.output.push_to_hub)

@@ -16,6 +16,8 @@ import io
 import json
 import logging
 import os
+import random
+import statistics
 import sys
 import zlib
 from collections import Counter
@@ -27,6 +29,7 @@ from pathlib import Path
 import lightning
 import torch
 from timm.data import create_transform
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
@@ -63,6 +66,20 @@ def find_images(folder: Path) -> list[Path]:
         dirs[:] = [d for d in dirs if not is_hidden(d)]
         found += [Path(parent, f) for f in files if not is_hidden(f) and is_image_file(f)]
     return sorted(found)
+
+
+def typical_short_side(layout: Layout, sample: int = 200, seed: int = 0) -> int:
+    """The median short side, in pixels, of up to ``sample`` images of the folder (read from their headers only)."""
+    paths = [p for by_class in layout.folders.values() for folder in by_class.values() for p in find_images(folder)]
+    chosen = random.Random(seed).sample(paths, min(sample, len(paths)))
+    sides = []
+    for path in chosen:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            continue  # the scan reports it
+    return int(statistics.median(sides)) if sides else 224
 
 
 def check_image(path: Path) -> tuple[str | None, str | None]:

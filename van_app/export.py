@@ -24,20 +24,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors.torch import save_file
 
 from . import __version__
-from .files import (
-    BAD_FILES,
-    CARD,
-    CONFUSION_JSON,
-    CONFUSION_PNG,
-    EXPORT_CONFIG,
-    EXPORT_FILES,
-    EXPORT_WEIGHTS,
-    METRICS,
-    atomic_dir,
-    atomic_path,
-    write_json,
-    write_text,
-)
+from .files import (BAD_FILES, CARD, CONFUSION_JSON, CONFUSION_PNG, EXPORT_CONFIG, EXPORT_FILES, EXPORT_WEIGHTS,
+                    METRICS, atomic_dir, atomic_path, write_json, write_text)
 from .model import VAN
 from .variants import ARCHITECTURE_ARGS
 
@@ -54,6 +42,7 @@ class RunInfo:
     base_model: str | None = None  # the Hub repo whose weights training started from (linked in the card)
     local_start: str | None = None  # the name of the local file or folder training started from
     note: str | None = None  # what happened to the starting weights, e.g. official weights not available offline
+    recipe: str | None = None  # the from-scratch recipe the run switched to, when it started from random weights
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> RunInfo | None:
@@ -224,6 +213,9 @@ With timm (after `import van_app`, which registers the VAN architectures):
 `timm.create_model({json.dumps("hf-hub:" + model_name)}, pretrained=True)` or `"local-dir:PATH"` for a local copy.
 
 Open it in the VAN Studio app: `python app.py --model {_cell(model_name)}`
+
+## Training
+{_cell(run.recipe) if run.recipe else "The options below; unset options kept their defaults."}
 
 ## Reproduce
 

@@ -54,18 +54,24 @@ class BaseModel:
     note: str | None  # what happened to the starting weights, e.g. official weights that could not be had
     local_start: str | None = None  # the name (never the path) of the local file or folder the weights came from
 
+    @property
+    def random(self) -> bool:
+        """Whether training starts from random weights."""
+        return self.base_model is None and self.local_start is None
+
 
 def create_classifier(variant: str, pretrained: str, num_classes: int, drop_path_rate: float = 0.0,
-                      layer_scale_init: float = 1e-2) -> BaseModel:
+                      layer_scale_init: float = 1e-2, scratch: dict[str, Any] | None = None) -> BaseModel:
     """A VAN with a new head for ``num_classes``, started from ``pretrained``.
 
     ``pretrained``: ``auto`` (the official weights of ``variant`` when they can be had,
     else random initialisation with a note saying why), ``none``, a variant name (its
     official weights, or a ``CheckpointError``), a local checkpoint or export, or a Hub repo id.
+    ``scratch`` holds model arguments that replace the others when the weights start random.
     """
     base_model, note, local_start = None, None, None
     build = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)
-    fresh = dict(build, layer_scale_init=layer_scale_init)
+    fresh = dict(build, layer_scale_init=layer_scale_init) | (scratch or {})
     if pretrained == "none":
         model = load_model(variant, **fresh)
     elif pretrained == "auto" or pretrained in VARIANTS:
@@ -106,16 +112,23 @@ def parameter_groups(model: VAN, lr: float, weight_decay: float, layer_decay: fl
     return groups
 
 
-def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float):
-    """LR multiplier per optimizer step: linear warm-up to 1, then cosine decay to ``min_ratio``."""
+@dataclass
+class WarmupCosine:
+    """LR multiplier per optimizer step: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``.
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    A callable object rather than a closure, so ``LambdaLR`` saves its fields in
+    checkpoints and a time budget can move ``total_steps`` while the run goes on.
+    """
 
-    return factor
+    warmup_steps: int
+    total_steps: int
+    min_ratio: float
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class VanClassifier(L.LightningModule):
@@ -160,6 +173,7 @@ class VanClassifier(L.LightningModule):
         self.val_loss = MeanMetric()
         self.images_seen = 0
         self.val_report: dict[str, Any] = {}
+        self.best = (0.0, -1)  # the best validation accuracy so far and its epoch (-1: none yet)
         self._seconds_before = 0.0  # wall time of the runs this one resumes
         self._fit_started = time.perf_counter()
 
@@ -198,7 +212,10 @@ class VanClassifier(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         overall = dict(self.val_overall.compute(), val_loss=self.val_loss.compute())
-        self.log_dict(overall, prog_bar=True)
+        self.log("val_acc", overall["val_acc"], prog_bar=True)
+        self.log_dict({k: v for k, v in overall.items() if k != "val_acc"})
+        if float(overall["val_acc"]) > self.best[0] or self.best[1] < 0:
+            self.best = (float(overall["val_acc"]), self.current_epoch)
         per_class = {name: values.tolist() for name, values in self.val_per_class.compute().items()}
         confusion = self.val_confusion.compute().tolist()
         for metric in (self.val_overall, self.val_per_class, self.val_confusion, self.val_loss):
@@ -218,18 +235,19 @@ class VanClassifier(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         warmup = min(int(cfg.warmup_epochs * per_epoch), total // 2)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup, total, cfg.min_lr_ratio))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, total, cfg.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["van_app"] = {"images_seen": self.images_seen, "wall_time_s": self.wall_time_s(),
-                                 "val_report": self.val_report}
+                                 "val_report": self.val_report, "best": list(self.best)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("van_app", {})
         self.images_seen = state.get("images_seen", 0)
         self._seconds_before = state.get("wall_time_s", 0.0)
         self.val_report = state.get("val_report", {})
+        self.best = tuple(state.get("best", (0.0, -1)))
 
 
 def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -266,7 +284,14 @@ class FreezeBackbone(Callback):
 
 
 class ThroughputBar(TQDMProgressBar):
-    """Lightning's progress bar with training images per second (all processes together)."""
+    """Lightning's progress bar for an 80-column terminal: best epoch, val accuracy, loss, accuracy, images/s.
+
+    The best epoch comes first so that a narrow terminal cuts the least useful
+    figures; the other validation metrics go to the logs and the export.
+    """
+
+    BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"  # img/s replaces it/s
+    SHOWN = {"val_acc": ("val", "{:.3f}"), "loss": ("loss", "{:.3f}"), "acc": ("acc", "{:.2f}")}
 
     def __init__(self) -> None:
         super().__init__()
@@ -283,8 +308,11 @@ class ThroughputBar(TQDMProgressBar):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
-        items = super().get_metrics(trainer, pl_module)
-        items.pop("v_num", None)
+        logged = super().get_metrics(trainer, pl_module)
+        best, epoch = getattr(pl_module, "best", (0.0, -1))
+        items: dict[str, int | str | float] = {"best": f"{best:.3f}@{epoch + 1}"} if epoch >= 0 else {}
+        items.update({name: form.format(float(logged[key])) for key, (name, form) in self.SHOWN.items()
+                      if key in logged})
         elapsed = time.perf_counter() - self._started
         if self._images and elapsed > 0:
             items["img/s"] = f"{self._images / elapsed:.0f}"

@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import pickle
 import re
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .convert import (block_depths, check_fits, expected_shapes, head_classes, infer_model_args, shapes,
                       van_state_dict)
 from .errors import CheckpointError
 from .files import EXPORT_CONFIG, EXPORT_FILES, EXPORT_WEIGHTS, TRANSFORMERS_BIN
 from .model import VAN
-from .reading import (MAX_CONFIG_BYTES, export_config, is_safetensors, read_config, read_safetensors_shapes,
+from .reading import (MAX_CONFIG_BYTES, check_size, export_config, is_safetensors, read_config, read_safetensors_shapes,
                       read_state_dict, transformers_labels)
 from .refusal import refuse, show
 from .variants import (ARCHITECTURE_ARGS, CUSTOM_BASE, VAN_LAYOUT, VARIANTS, create_van, default_labels,
@@ -205,10 +207,28 @@ def _hub_download(repo_id: str, filename: str, max_bytes: int | None,
     The size comes from the Hub's metadata (or the cache), and the download is
     pinned to the commit that size belongs to.
     """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, filename, revision=revision)
+    if isinstance(cached, str):  # no request at all: Hub files at a commit never change
+        check_size(Path(cached), max_bytes)
+        return Path(cached), Path(cached).parent.name  # .../snapshots/<commit>/<file>
+    if not constants.HF_HUB_OFFLINE:
+        _require_reachable(constants.ENDPOINT, f"{repo_id}/{filename}")
     info = _hub_call(repo_id, filename, revision=revision, dry_run=True)
     if max_bytes is not None and info.file_size is not None and info.file_size > max_bytes:
         raise refuse(f"{repo_id}/{filename}", f"{info.file_size:,} bytes, more than the {max_bytes:,} allowed")
     return Path(_hub_call(repo_id, filename, revision=info.commit_hash)), info.commit_hash
+
+
+def _require_reachable(endpoint: str, where: str, timeout: float = 3.0) -> None:
+    """Refuse at once, in one line, when the Hub's host cannot be reached (huggingface_hub would retry for ~24 s)."""
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as e:
+        raise refuse(where, f"not in the local Hugging Face cache and the Hub ({url.hostname}) cannot be reached "
+                            f"({show(e, 80)}); set HF_HUB_OFFLINE=1 to use only the cache") from e
 
 
 def _hub_call(repo_id: str, filename: str, **kwargs: Any) -> Any:

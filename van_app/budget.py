@@ -1,0 +1,205 @@
+"""How long a run takes, measured before it starts, and a run sized to a time budget (``van-finetune --time``).
+
+``measure`` times a few training steps (data loading included) and a few
+validation batches on a throwaway copy of the model, on the device the Trainer
+will use. ``plan_run`` turns those rates into the run: with a budget, the number
+of epochs (or the share of an epoch, when one epoch does not fit) and so the
+total optimizer steps that the learning-rate schedule decays over; without one,
+the time the planned epochs will take. ``TimeBudget`` keeps the plan honest while
+the run goes on: after each validation it re-plans the remaining epochs from the
+epochs measured so far and moves the schedule's end with them, so the learning
+rate reaches its floor when the time is up, not before or after.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
+from .config import format_duration
+
+EXPORT_RESERVE = (0.05, 10.0)  # kept back for loading the best weights and writing the export: share, at most s
+SAFETY = 1.05  # epochs are planned this much longer than measured, so noise rarely pushes the last past the budget
+MAX_SUB_EPOCHS = 4  # when one epoch does not fit the budget: this many validated shares of it at most
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Images per second measured on this machine: training (loading, forward, backward, step) and validation."""
+
+    train: float
+    val: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The run sized from measured rates: epochs, the share of each epoch trained, the steps the schedule spans."""
+
+    rates: Rates
+    train_images: int
+    val_images: int
+    batch_size: int  # images per optimizer step, all devices together
+    epochs: int
+    fraction: float  # share of the training images each epoch uses (1.0 unless one epoch exceeds the budget)
+    budget_s: float | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Plan:
+        """The plan ``dataclasses.asdict`` wrote (the main process writes it for the others)."""
+        return cls(**dict(data, rates=Rates(**data["rates"])))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per (possibly partial) epoch."""
+        return max(1, math.floor(self.train_images * self.fraction / self.batch_size))
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run."""
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def epoch_s(self) -> float:
+        """Seconds per epoch: its training steps and its validation."""
+        return self.steps_per_epoch * self.batch_size / self.rates.train + self.val_images / self.rates.val
+
+    @property
+    def total_s(self) -> float:
+        """Seconds the planned epochs take."""
+        return self.epochs * self.epoch_s
+
+    def describe(self, img_size: int) -> str:
+        """The plan in one line: rates, time per epoch, total, and what would shorten it."""
+        epoch = f"{format_duration(self.epoch_s)} per epoch"
+        if self.fraction < 1.0:
+            epoch += f" ({self.fraction:.0%} of the {self.train_images:,} training images each)"
+        head = (f"plan: {self.rates.train:.0f} img/s training, {self.rates.val:.0f} img/s validation -> {epoch}; "
+                f"{self.epochs} epochs, {self.total_steps:,} steps, about {format_duration(self.total_s)}")
+        if self.budget_s is not None:
+            return f"{head} (budget {format_duration(self.budget_s)})"
+        smaller = max(32, (img_size // 2 + 31) // 32 * 32)
+        if self.total_s < 60:
+            return head
+        hints = [f"--time {format_duration(self.total_s / 4)}"] if self.total_s > 240 else []
+        if smaller < img_size:
+            hints.append(f"--img-size {smaller} (about {(img_size / smaller) ** 2:.0f}x faster per image)")
+        return head + (f"; shorter: {' or '.join(hints)}" if hints else "")
+
+
+def measure(model: torch.nn.Module, train_loader: Any, val_loader: Any, device: torch.device, *,
+            forward_context: Any = None, steps: int = 6, warmup: int = 2, max_seconds: float = 30.0) -> Rates:
+    """Training and validation images/s of ``model`` on ``device``, timed on a copy (``model`` is left untouched)."""
+    trial = copy.deepcopy(model).to(device).train()
+    optimizer = torch.optim.AdamW(trial.parameters(), lr=0.0)
+    context = forward_context or torch.autocast(device.type, enabled=False)
+    train = _rate(train_loader, warmup, steps, max_seconds, device,
+                  lambda x, y: _train_step(trial, optimizer, x, y, context))
+    trial.eval()
+    with torch.inference_mode():
+        val = _rate(val_loader, 1, steps, max_seconds, device, lambda x, y: trial(x))
+    return Rates(train, val)
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                context: Any) -> None:
+    with context:
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _rate(loader: Any, warmup: int, steps: int, max_seconds: float, device: torch.device, step: Any) -> float:
+    """Images/s of ``step`` over ``loader`` after ``warmup`` untimed batches (loading time included)."""
+    batches, images, started = iter(loader), 0, None
+    for i, (x, y) in enumerate(batches):
+        step(x.to(device), y.to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i + 1 == warmup:
+            started = time.perf_counter()
+        elif started is not None:
+            images += len(x)
+            if i + 1 >= warmup + steps or time.perf_counter() - started > max_seconds:
+                break
+    if started is None or images == 0:  # too few batches to time after the warm-up: time them all instead
+        started, images = time.perf_counter(), 0
+        for x, y in loader:
+            step(x.to(device), y.to(device))
+            images += len(x)
+    return images / max(time.perf_counter() - started, 1e-6)
+
+
+def reserve(budget_s: float) -> float:
+    """Seconds kept back at the end of a budget for the export."""
+    share, most = EXPORT_RESERVE
+    return min(most, share * budget_s)
+
+
+def plan_run(rates: Rates, train_images: int, val_images: int, batch_size: int, epochs: int,
+             budget_s: float | None) -> Plan:
+    """The run for these rates: ``epochs`` as asked, or as many whole epochs (or shares of one) as the budget holds."""
+    plan = Plan(rates, train_images, val_images, batch_size, epochs, 1.0, budget_s)
+    if budget_s is None:
+        return plan
+    usable = max(budget_s - reserve(budget_s), 1.0)
+    whole = Plan(rates, train_images, val_images, batch_size, 1, 1.0, budget_s)
+    if whole.epoch_s <= usable:
+        return Plan(rates, train_images, val_images, batch_size, max(1, math.floor(usable / whole.epoch_s)), 1.0,
+                    budget_s)
+    val_s = val_images / rates.val
+    train_s = whole.epoch_s - val_s
+    # One epoch is too long: train on a share of it, validating a few times, validation at most half the time.
+    parts = max(1, min(MAX_SUB_EPOCHS, math.floor(usable / (2 * val_s)) if val_s > 0 else MAX_SUB_EPOCHS))
+    fraction = max(batch_size / train_images, min(1.0, (usable / parts - val_s) / train_s))
+    return Plan(rates, train_images, val_images, batch_size, parts, fraction, budget_s)
+
+
+class TimeBudget(Callback):
+    """Keeps a run inside its time budget: re-plans the remaining epochs after each validation, moves the LR's end.
+
+    The deadline counts from when the command started. Only the main process
+    decides; the others take its decision, so every process stops together.
+    """
+
+    def __init__(self, deadline: float, plan: Plan) -> None:
+        self.deadline = deadline  # time.monotonic() at which the export must be done
+        self.plan = plan
+        self.reserve = reserve(plan.budget_s or 0.0)
+        self._started = 0.0
+        self._epoch_seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if time.monotonic() > self.deadline - self.reserve:  # far slower than planned: stop, keep the best so far
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not self._started:
+            return
+        self._epoch_seconds.append(time.monotonic() - self._started)
+        done = trainer.current_epoch + 1
+        epoch_s = SAFETY * max(self._epoch_seconds[-3:])  # the slowest recent epoch: overrunning costs more
+        fits = max(0, math.floor((self.deadline - self.reserve - time.monotonic()) / epoch_s))
+        epochs = trainer.strategy.broadcast(done + fits, src=0)
+        if epochs == trainer.fit_loop.max_epochs:
+            return
+        trainer.fit_loop.max_epochs = epochs
+        end = trainer.global_step + (epochs - done) * self.plan.steps_per_epoch
+        for config in trainer.lr_scheduler_configs:
+            for schedule in getattr(config.scheduler, "lr_lambdas", []):
+                if hasattr(schedule, "total_steps"):
+                    schedule.total_steps = end
+        if epochs <= done:
+            trainer.should_stop = True
