@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from van_app.config import DataConfig
 from van_app.data import VanDataModule
 from van_app.variants import VARIANTS
-from van_app.module import VanClassifier, cosine_with_warmup, parameter_groups
+from van_app.module import VanClassifier, WarmupCosine, parameter_groups
 from van_app.weights import load_model
 
 
@@ -53,7 +53,7 @@ def plain_loop(args: argparse.Namespace, batches: list, device: torch.device, *,
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(parameter_groups(model, 5e-4, 0.05))
     total = len(batches)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total // 10, total, 0.01))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total // 10, total, 0.01))
     started = 0.0
     for step, (x, y) in enumerate(batches):
         if step == args.burn_in:
