@@ -188,7 +188,7 @@ def over_http(args: argparse.Namespace, source: str, image: Image.Image) -> None
 def main() -> None:
     """Run every measurement and print them with the machine they ran on."""
     from van_app import load_model
-    from van_app.model import VARIANTS
+    from van_app.variants import VARIANTS
 
     args = parse_args()
     image = test_image(args.width, args.height)

@@ -29,7 +29,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import (ArgumentParser, FinetuneConfig, TrainConfig, add_options, default_of, flag_of,
+from .config import (ArgumentParser, FinetuneConfig, PredictConfig, TrainConfig, add_options, default_of, flag_of,
                      from_namespace, from_scratch)
 from .errors import CheckpointError, DataError, HubError, UsageError, first_line
 from .files import EXPORT_CONFIG, EXPORT_WEIGHTS, write_json
@@ -411,6 +411,52 @@ def push_main(argv: list[str] | None = None) -> int:
     except HubError as e:
         return _fail(first_line(e))
     print(f"pushed {args.folder} to {url}")
+    return 0
+
+
+def build_predict_parser() -> ArgumentParser:
+    """The ``van-predict`` argument parser."""
+    parser = ArgumentParser(prog="van-predict", usage="%(prog)s MODEL PATH... [options]",
+                            description="Classify image files with a VAN: a CSV of the top labels, a summary, "
+                                        "accuracy when the folders are named after the classes.")
+    parser.add_argument("model", help="an export folder, a Hub repo id or a variant name (what load_model accepts)")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="image files, folders (searched recursively) or glob patterns such as 'photos/*.jpg'")
+    add_options(parser, PredictConfig)
+    return parser
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    """``van-predict MODEL PATH...``: classify in batches, write the CSV, print a summary; one-line errors exit 2."""
+    args = build_predict_parser().parse_args(argv)
+    config = from_namespace(PredictConfig, args)
+    try:
+        return _predict(args.model, args.paths, config)
+    except (*USER_ERRORS, FileNotFoundError) as e:
+        return _fail(first_line(e))
+    except OSError as e:
+        return _fail(os_error_line(e))
+
+
+def _predict(source: str, sources: list[str], config: PredictConfig) -> int:
+    """The van-predict run."""
+    import torch
+
+    from .batch import find_files, predict_files, summary, write_csv
+    from .fuse import fuse
+    from .weights import load_model
+
+    torch.set_num_threads(config.threads)
+    paths = find_files(sources)
+    if not paths:
+        raise UsageError(f"no image files in {', '.join(sources)}")
+    model = fuse(load_model(source))
+    root = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+    predictions = predict_files(model, [p.resolve() for p in paths], k=config.k, batch_size=config.batch_size,
+                                workers=config.workers, heatmaps=config.heatmaps, root=root)
+    rows = write_csv(predictions, config.output, config.k)
+    print(summary(rows, model.labels))
+    print(f"wrote {config.output}" + (f" and overlays in {config.heatmaps}" if config.heatmaps else ""))
     return 0
 
 

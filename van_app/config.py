@@ -332,6 +332,22 @@ class OutputConfig(Options):
 
 
 @dataclass
+class PredictConfig(Options):
+    """What ``van-predict`` writes and how it batches."""
+
+    output: Path = option(Path("predictions.csv"), "CSV file: one row per image, top-k labels and probabilities",
+                          metavar="CSV")
+    k: int = option(5, "labels per image", check=integer(1, 1000))
+    batch_size: int = option(16, "images per forward pass", check=integer(1, 4096))
+    heatmaps: Path | None = option(None, "also write each image's attention overlay (PNG) into this folder",
+                                   metavar="DIR", shown="none")
+    workers: int = option(default_factory=default_workers, help="decoding worker processes", check=integer(0, 64),
+                          shown="half the CPUs, at most 4")
+    threads: int = option(default_factory=default_threads, help="threads for the model on the CPU",
+                          check=integer(1, 1024), shown="the CPUs the workers leave free, or $OMP_NUM_THREADS")
+
+
+@dataclass
 class FinetuneConfig:
     """All of ``van-finetune``: one group of options per part of the run."""
 

@@ -20,7 +20,7 @@ import torch
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from torch import nn
 
-from .variants import VARIANTS, VanSpec  # noqa: F401  (VanSpec: for callers still importing it from here)
+from .variants import VARIANTS
 
 
 class LKA(nn.Module):

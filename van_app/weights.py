@@ -248,23 +248,3 @@ def _hub_call(repo_id: str, filename: str, **kwargs: Any) -> Any:
         raise refuse(where, f"download failed ({show(e, 120)})") from e
     except ValueError as e:
         raise refuse(repo_id, f"not a valid Hub repo id ({show(e, 120)})") from e
-
-
-# --- Old names, kept while cli.py, module.py, export.py, predict.py and benchmarks/ still import them from here. ---
-# New code reads ``model.model_args`` and calls ``load_model(..., **model_kwargs)`` instead; delete this block then.
-from .variants import VAN_MEAN, VAN_STD, VanSpec, default_cfgs  # noqa: E402, F401
-
-
-def build_model(spec: VanSpec, num_classes: int, **kwargs: Any) -> VAN:
-    """Deprecated: ``load_model(variant, num_classes=..., **kwargs)`` or ``VAN(**model.model_args)``."""
-    return create_van(variant_of(spec.model_args) or CUSTOM_BASE, **spec.model_args, num_classes=num_classes, **kwargs)
-
-
-def infer_spec(state_dict: dict[str, Any]) -> tuple[VanSpec, int]:
-    """Deprecated: a model's architecture is ``model.model_args``; shapes are read only for foreign checkpoints."""
-    return VanSpec(**infer_model_args(state_dict, "state dict")), head_classes(shapes(state_dict))
-
-
-def model_args(spec: VanSpec) -> dict[str, tuple]:
-    """Deprecated: ``VARIANTS[name].model_args`` or ``model.model_args``."""
-    return spec.model_args
