@@ -25,6 +25,8 @@ from PIL import Image
 TINY_RUN = ["--model", "van_micro", "--pretrained", "none", "--img-size", "32", "--batch-size", "4",
             "--workers", "0", "--epochs", "1"]
 TOKEN = "hf_localtesttoken0123456789"
+# Fixtures that train or serve in a subprocess: every test using one is marked slow (``pytest -m "not slow"``).
+SLOW_FIXTURES = frozenset({"trained", "split_run", "app_server", "app_url"})
 ROOT = Path(__file__).resolve().parents[1]
 # Labels and a folder name that are HTML and Markdown: the page must show them as text.
 HOSTILE_LABELS = ['<img class="evil" src=x onerror="window.__pwned=1">', '<b class="evil">bold</b>',
@@ -131,7 +133,7 @@ def fake_hub() -> Iterator[ThreadingHTTPServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     server.requests = []
     server.files = {}
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         yield server
     finally:
@@ -223,3 +225,10 @@ def hostile_export(tmp_path_factory) -> Path:
     write_json(folder / EXPORT_CONFIG, export_config(model, HOSTILE_LABELS, data_config(model), run))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / EXPORT_WEIGHTS))
     return folder
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that use a training or serving fixture ``slow``."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -79,6 +79,7 @@ def test_omp_num_threads_sets_the_model_threads(monkeypatch):
     assert default_threads() == 3
 
 
+@pytest.mark.slow
 def test_a_time_budget_run_ends_on_time_with_its_schedule_finished(tmp_path):
     data = make_image_folders(tmp_path / "d", classes=("a", "b"), per_class=60, size=32)
     out = tmp_path / "out"

@@ -18,6 +18,7 @@ class Unreadable(Dataset):
         raise DataError("none of the 3 images can be read any more (first: a/0.png)")
 
 
+@pytest.mark.slow
 def test_error_from_a_data_loader_worker_is_its_own_message():
     with pytest.raises(DataError) as info:
         next(iter(DataLoader(Unreadable(), num_workers=1)))

@@ -91,6 +91,7 @@ def test_bad_option_is_one_line_before_the_data_folder_is_read(tmp_path, capsys,
     assert err.startswith(f"error: argument {option[0]}: ") and "van-finetune --help" in err
 
 
+@pytest.mark.slow
 def test_console_script_bad_option_exits_2_with_one_line(tmp_path):
     result = run_cli("van-finetune", "--data", str(tmp_path), "--epochs", "0")
     assert result.returncode == 2 and result.stdout == ""
@@ -171,6 +172,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_143_within_seconds(tmp_path):
     data = make_image_folders(tmp_path / "d", classes=("a", "b"), per_class=100, size=32)
     out = tmp_path / "out"
@@ -313,12 +315,14 @@ def test_earlier_run_in_output_needs_resume_or_overwrite(trained, tmp_path, caps
     assert "already holds a run: pass --resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_error_exits_2_without_traceback(tmp_path):
     result = run_cli("van-finetune", "--data", str(tmp_path / "missing"))
     assert result.returncode == 2
     assert result.stderr == f"error: data folder not found: {tmp_path / 'missing'}\n"
 
 
+@pytest.mark.slow
 def test_resume_continues_a_killed_run_to_its_planned_step(tmp_path):
     data = make_image_folders(tmp_path / "d", classes=("a", "b"), per_class=8, size=32)
     out = tmp_path / "out"
@@ -338,6 +342,7 @@ def test_resume_continues_a_killed_run_to_its_planned_step(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_ddp_with_two_cpu_processes_trains_and_exports(tmp_path):
     data = make_image_folders(tmp_path / "d", classes=("a", "b"), per_class=8, size=32)
     out = tmp_path / "out"

@@ -297,6 +297,7 @@ def run_python(code: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_import_van_app_first_registers_when_timm_is_imported(tmp_path: Path) -> None:
     run_python(f"""
         import sys
@@ -309,6 +310,7 @@ def test_import_van_app_first_registers_when_timm_is_imported(tmp_path: Path) ->
     """, tmp_path)
 
 
+@pytest.mark.slow
 def test_import_timm_first_registers_at_once(tmp_path: Path) -> None:
     run_python(f"""
         import sys
@@ -318,6 +320,7 @@ def test_import_timm_first_registers_at_once(tmp_path: Path) -> None:
     """, tmp_path)
 
 
+@pytest.mark.slow
 def test_spawned_worker_registers_the_variants(tmp_path: Path) -> None:
     # A spawned process (DataLoader workers, multiprocessing) re-imports the parent's main module, so its
     # `import van_app` runs there too before the worker's own `import timm`.
@@ -342,6 +345,7 @@ def test_spawned_worker_registers_the_variants(tmp_path: Path) -> None:
     """, tmp_path)
 
 
+@pytest.mark.slow
 def test_public_names_load_lazily_and_submodules_do_not_shadow_them(tmp_path: Path) -> None:
     run_python("""
         import van_app.fuse

@@ -58,6 +58,7 @@ def test_classes_are_balanced_and_masks_pair_with_images(tmp_path):
     assert Counter(p.parent.name for p in images) == {shape: 3 for shape in SHAPES}
 
 
+@pytest.mark.slow
 def test_cli_writes_the_data_set(tmp_path):
     cmd = [sys.executable, "-m", "van_app.synthetic", "--out", str(tmp_path), "--per-class", "1",
            "--size", "32", "--seed", "3", "--shapes", "circle", "cross", "--workers", "1"]

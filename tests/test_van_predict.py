@@ -33,6 +33,7 @@ def rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_console_script_writes_a_row_per_file_and_a_summary(shapes, tmp_path):
     result = run_cli("van-predict", str(BUNDLED), str(shapes), "--output", str(tmp_path / "p.csv"), "--k", "3")
     assert result.returncode == 0, result.stderr[-2000:]
