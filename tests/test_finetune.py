@@ -490,3 +490,11 @@ def test_progress_bar_fits_a_terminal_and_shows_the_best_epoch(trained):
     last = [line for line in re.split(r"[\r\n]", result.stdout) if line.startswith("Epoch 1:")][-1]
     assert len(last) <= 110 and "best=" in last and "val=" in last and "img/s=" in last
     assert last.index("best=") < last.index("loss=")
+
+
+def test_crop_mode_option_becomes_the_exported_preprocessing(trained, tmp_path):
+    data, _, _ = trained
+    out = tmp_path / "squash"
+    assert main(["--data", str(data), *TINY_RUN, "--crop-mode", "squash", "--output", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["crop_mode"] == "squash"
+    assert van_app.load_model(out).pretrained_cfg["crop_mode"] == "squash"

@@ -199,8 +199,10 @@ def finetune(config: FinetuneConfig) -> int:
             if line:
                 print(f"warning: {line}", file=sys.stderr)
     size = config.model.img_size
-    base.model.pretrained_cfg = dict(base.model.pretrained_cfg, input_size=(3, size, size),
-                                     crop_pct=config.model.crop_pct or base.model.pretrained_cfg["crop_pct"])
+    start_cfg = base.model.pretrained_cfg
+    base.model.pretrained_cfg = dict(start_cfg, input_size=(3, size, size),
+                                     crop_pct=config.model.crop_pct or start_cfg["crop_pct"],
+                                     crop_mode=config.model.crop_mode or start_cfg.get("crop_mode", "center"))
     dm = VanDataModule(config.data, resolve_data_config(model=base.model), run_dir=run, progress=main_process)
     train = config.train
     optim = replace(train, lr=TrainConfig().lr) if train.lr == "auto" else train  # the finder replaces lr

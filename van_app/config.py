@@ -265,6 +265,9 @@ class ModelConfig(Options):
                              "architecture replaces --model)", check=NON_EMPTY)
     img_size: int = option(224, "training and inference image size in pixels",
                            check=integer(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE))
+    crop_mode: str | None = option(None, "how evaluation fits an image to the square input: center (crop), squash "
+                                   "(resize, aspect not kept: nothing is cut off) or border (pad)",
+                                   choices=("center", "squash", "border"), shown="the model's, center for VAN")
     crop_pct: float | None = option(None, "evaluation centre-crop fraction",
                                     check=optional(number(0, 1, open_low=True)), shown="the model's, 0.9 for VAN")
     drop_path: float = option(0.1, "stochastic depth rate", check=number(0, 1, open_high=True))

@@ -71,7 +71,7 @@ def export_config(model: VAN, labels: list[str], data_config: dict[str, Any], ru
             "mean": mean,
             "std": std,
             "crop_pct": data_config["crop_pct"],
-            "crop_mode": "center",
+            "crop_mode": data_config.get("crop_mode", "center"),
             "num_classes": len(labels),
             "classifier": "head",
             "first_conv": "stages.0.patch_embed.proj",
@@ -173,7 +173,8 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any], model_name: str)
 A Visual Attention Network ({_cell(config['variant'])}) image classifier for {len(labels)} classes,
 {_start_text(run)}, with [VAN Studio](https://arxiv.org/abs/2202.09741) (`van_app` {config['version']})
 on the image folder {_code(dataset)}. Input: {config['image_size']}x{config['image_size']} RGB,
-{_cell(config['interpolation'])} resize, centre crop {config['crop_pct']}, mean {config['mean']}, std {config['std']}.
+{_cell(config['interpolation'])} resize, {_cell(config['pretrained_cfg'].get('crop_mode', 'center'))} crop
+{config['crop_pct']}, mean {config['mean']}, std {config['std']}.
 
 ## Results (validation split)
 
