@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import huggingface_hub.constants
@@ -130,13 +131,13 @@ def test_full_disk_during_export_is_one_line_and_keeps_the_previous_export(train
     export = shutil.copytree(out, tmp_path / "export")
     before = {p.name: p.read_bytes() for p in export.iterdir()}
 
-    def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(args[1]))
+    def full_disk(path, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("van_app.export.save_file", full_disk)
+    monkeypatch.setattr("van_app.export.plot_confusion", full_disk)
     assert main(["--data", str(data), *TINY_RUN, "--output", str(export), "--overwrite"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[-1].startswith("error: ") and "No space left on device (free some space" in err[-1]
+    assert err[-1].startswith(f"error: {export}: No space left on device (free some space")
     assert {p.name: p.read_bytes() for p in export.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "export.run"]
 
@@ -161,13 +162,20 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     target = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"global_step": 1}, target)
 
-    def full_disk(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real_open = Path.open
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    def full_disk(self, mode="r", *args, **kwargs):
+        file = real_open(self, mode, *args, **kwargs)
+        if "w" in mode:
+            file.write(b"half a checkpoint")
+            file.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return file
+
+    monkeypatch.setattr(Path, "open", full_disk)
     with pytest.raises(OSError):
         AtomicCheckpointIO().save_checkpoint({"global_step": 2}, target)
+    monkeypatch.setattr(Path, "open", real_open)
     assert torch.load(target, weights_only=True)["global_step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 

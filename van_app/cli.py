@@ -133,7 +133,10 @@ def prepare_folders(config: FinetuneConfig) -> Path | None:
     for folder in (run, export.parent):
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".van-write-test-{os.getpid()}"
-        probe.write_bytes(b"")  # a read-only or full file system fails here, before the scan
+        try:
+            probe.write_bytes(b"")  # a read-only or full file system fails here, before the scan
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(folder)) from e
         probe.unlink()
     return newest_checkpoint(checkpoints) if config.output.resume else None
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from . import __version__
 from .files import (BAD_FILES, CARD, CONFUSION_JSON, CONFUSION_PNG, EXPORT_CONFIG, EXPORT_FILES, EXPORT_WEIGHTS,
@@ -244,15 +244,19 @@ def write_export(
     config = dict(export_config(model, labels, data_config, run), files=list(EXPORT_FILES))  # what load_model expects
     metrics = flat_metrics(report, extra_metrics)
     confusion = report.get("confusion_matrix") or [[0] * len(labels) for _ in labels]
-    with atomic_dir(out) as folder:
-        save_file(state, str(folder / EXPORT_WEIGHTS), metadata={"format": "pt"})
-        write_json(folder / EXPORT_CONFIG, config)
-        write_json(folder / METRICS, metrics)
-        write_json(folder / CONFUSION_JSON, {"labels": list(labels), "rows": "true", "columns": "predicted",
-                                             "matrix": confusion})
-        plot_confusion(folder / CONFUSION_PNG, confusion, labels)
-        write_text(folder / BAD_FILES, bad_files or "# no bad image files\n")
-        model_card(config, metrics, model_name or out.name).save(folder / CARD)
+    weights = save(state, metadata={"format": "pt"})  # bytes: a full disk then fails as an OSError, not inside Rust
+    try:
+        with atomic_dir(out) as folder:
+            (folder / EXPORT_WEIGHTS).write_bytes(weights)
+            write_json(folder / EXPORT_CONFIG, config)
+            write_json(folder / METRICS, metrics)
+            write_json(folder / CONFUSION_JSON, {"labels": list(labels), "rows": "true", "columns": "predicted",
+                                                 "matrix": confusion})
+            plot_confusion(folder / CONFUSION_PNG, confusion, labels)
+            write_text(folder / BAD_FILES, bad_files or "# no bad image files\n")
+            model_card(config, metrics, model_name or out.name).save(folder / CARD)
+    except OSError as e:  # name the export, not the temporary folder; the previous export is untouched
+        raise OSError(e.errno, e.strerror, str(out)) from e
     return metrics
 
 

@@ -10,6 +10,8 @@ checkpoint carries the exact metrics of the weights it holds.
 
 from __future__ import annotations
 
+import io
+import logging
 import math
 import os
 import time
@@ -38,11 +40,13 @@ from torchmetrics.classification import (
 
 from .config import TrainConfig
 from .data import PREPROCESSING_KEYS
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .files import atomic_path
 from .model import VAN
 from .variants import CUSTOM_BASE, VARIANTS, variant_of
 from .weights import load_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -331,7 +335,10 @@ class CheckpointOnInterrupt(Callback):
         self.path = Path(path)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        trainer.save_checkpoint(self.path)
+        try:
+            trainer.save_checkpoint(self.path)
+        except OSError as e:  # e.g. the disk that stopped the run is still full: report the first failure only
+            log.warning("could not save %s: %s", self.path.name, e.strerror or first_line(e))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -344,8 +351,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        with atomic_path(Path(path)) as tmp:
-            with tmp.open("wb") as f:
-                torch.save(checkpoint, f)
+        buffer = io.BytesIO()  # serialised first: torch's zip writer would report a full disk as a RuntimeError
+        torch.save(checkpoint, buffer)
+        try:
+            with atomic_path(Path(path)) as tmp, tmp.open("wb") as f:
+                f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from e  # name the checkpoint, not the temporary file

@@ -67,6 +67,18 @@ class Scene:
                 raise ValueError(f"{name} must be one or more of {', '.join(known)}, got {' '.join(given)}")
 
 
+# The bundled model (checkpoints/van-b0-shapes): the scene and image size (shorter side) it trains on, and the
+# held-out sets it is measured on, each a scene and an image size. Seeds are the caller's, never the training data's.
+TRAINING_SCENE = Scene(scale=(0.25, 1.0), aspect=(0.75, 1.334), backgrounds=("cluttered", "plain"),
+                       placements=("uniform", "border"))
+TRAINING_SIZE = 112
+HELD_OUT: dict[str, tuple[Scene, int]] = {
+    "held-out": (TRAINING_SCENE, TRAINING_SIZE),  # the training distribution
+    "clean": (Scene(backgrounds=("plain",)), 160),  # one solid shape of usual size on one colour
+    "filling": (Scene(scale=(0.8, 1.0), backgrounds=("plain",)), 160),  # the shape fills most of the frame
+    "filling 4:3": (Scene(scale=(0.8, 1.0), aspect=(4 / 3, 4 / 3), backgrounds=("plain",)), 160),  # in a 4:3 picture
+}
+
 @dataclass(frozen=True)
 class Sample:
     """One generated image, its object mask and the drawing parameters."""
