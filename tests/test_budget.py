@@ -79,6 +79,12 @@ def test_omp_num_threads_sets_the_model_threads(monkeypatch):
     assert default_threads() == 3
 
 
+def test_model_threads_leave_the_workers_asked_for_their_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("van_app.config._cpus", lambda: 8)
+    assert (default_threads(workers=0), default_threads(workers=6)) == (8, 2)
+
+
 @pytest.mark.slow
 def test_a_time_budget_run_ends_on_time_with_its_schedule_finished(tmp_path):
     data = make_image_folders(tmp_path / "d", classes=("a", "b"), per_class=60, size=32)

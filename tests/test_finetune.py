@@ -39,6 +39,7 @@ def split_run(tmp_path_factory):
     data = root / "birds"
     make_image_folders(data / "train", classes=("crow", "gull"), per_class=6)
     make_image_folders(data / "val", classes=("crow", "gull"), per_class=2)
+    make_image_folders(data / "test", classes=("crow", "gull"), per_class=3)
     out = root / "export"
     with fake_hub() as hub:
         result = run_cli("van-finetune", "--data", str(data), *TINY_RUN, "--epochs", "2", *OPTIONS,
@@ -506,3 +507,10 @@ def test_crop_mode_option_becomes_the_exported_preprocessing(trained, tmp_path):
     assert main(["--data", str(data), *TINY_RUN, "--crop-mode", "squash", "--output", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["crop_mode"] == "squash"
     assert van_app.load_model(out).pretrained_cfg["crop_mode"] == "squash"
+
+
+def test_a_test_folder_is_scored_once_with_the_exported_weights(split_run):
+    _, out, _, _ = split_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and "test_loss" in metrics
+    assert f"| test accuracy (held-out DATA/test) | {metrics['test_acc']:.4f} |" in (out / "README.md").read_text()

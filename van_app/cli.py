@@ -29,8 +29,8 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import (ArgumentParser, FinetuneConfig, PredictConfig, TrainConfig, add_options, default_of, flag_of,
-                     from_namespace, from_scratch)
+from .config import (ArgumentParser, FinetuneConfig, PredictConfig, TrainConfig, add_options, default_of,
+                     default_threads, flag_of, from_namespace, from_scratch)
 from .errors import CheckpointError, DataError, HubError, UsageError, first_line
 from .files import EXPORT_CONFIG, EXPORT_WEIGHTS, write_json
 from .variants import VARIANTS
@@ -182,7 +182,7 @@ def finetune(config: FinetuneConfig) -> int:
     resume_from = prepare_folders(config) if main_process else None
     if not main_process and config.output.resume:
         resume_from = newest_checkpoint(run / CHECKPOINTS)
-    torch.set_num_threads(config.hardware.threads)
+    torch.set_num_threads(config.hardware.threads or default_threads(config.data.workers))
     # Denormal floats (tiny activations and gradients) slow CPU training several-fold; flush them to zero.
     torch.set_flush_denormal(True)
     L.seed_everything(config.data.seed, workers=True, verbose=False)
@@ -234,11 +234,13 @@ def finetune(config: FinetuneConfig) -> int:
             _fail(f"stopped by SIGTERM at epoch {trainer.current_epoch + 1}, step {trainer.global_step}; the "
                   f"checkpoint is in {run / CHECKPOINTS}: continue with the same command and --resume", EXIT_SIGTERM)
         return EXIT_SIGTERM
+    best_path = best.best_model_path or best.last_model_path
+    if dm.test_samples:  # DATA/test: scored once, with the weights that will be exported
+        trainer.test(module, datamodule=dm, ckpt_path=best_path, weights_only=True, verbose=False)
     if not trainer.is_global_zero:
         return 0
     (run / CHECKPOINTS / f"{INTERRUPTED}.ckpt").unlink(missing_ok=True)  # the run went on past it
-    return _export_and_report(config, module, dm, best.best_model_path or best.last_model_path, base, recipe_line,
-                              time.monotonic() - started)
+    return _export_and_report(config, module, dm, best_path, base, recipe_line, time.monotonic() - started)
 
 
 def _plan(config: FinetuneConfig, trainer: Any, module: Any, dm: Any, resume_from: Path | None,
@@ -371,7 +373,7 @@ def _export_and_report(config: FinetuneConfig, module: Any, dm: Any, best_path: 
     model.load_state_dict(model_state(checkpoint))
     report = checkpoint.get("van_app", {}).get("val_report") or module.val_report
     extra = {"best_epoch": report.get("epoch"), "best_step": report.get("step"), "epochs": module.current_epoch,
-             "images_seen": module.images_seen, "wall_time_s": round(module.wall_time_s(), 2)}
+             "images_seen": module.images_seen, "wall_time_s": round(module.wall_time_s(), 2), **module.test_report}
     training_args, command = training_record(config, module.lr)
     run = RunInfo(data_name=dm.data_dir.name, data_summary=dm.summary(), command=command,
                   training_args=training_args, license=config.output.license, base_model=base.base_model,
@@ -451,7 +453,7 @@ def _predict(source: str, sources: list[str], config: PredictConfig) -> int:
     from .fuse import fuse
     from .weights import load_model
 
-    torch.set_num_threads(config.threads)
+    torch.set_num_threads(config.threads or default_threads(config.workers))
     paths = find_files(sources)
     if not paths:
         raise UsageError(f"no image files in {', '.join(sources)}")

@@ -173,14 +173,16 @@ def default_workers() -> int:
     return min(4, _cpus() // 2)
 
 
-def default_threads() -> int:
-    """Threads for the model: the CPUs the loader workers leave free (``$OMP_NUM_THREADS`` when it is set).
+def default_threads(workers: int | None = None) -> int:
+    """Threads for the model: the CPUs ``workers`` loader processes leave free (``$OMP_NUM_THREADS`` when set).
 
     Torch's default of one thread per core plus worker processes on the same cores
     made training steps 3-8x slower on a busy 2-core machine than one thread each.
     """
     from_env = os.environ.get("OMP_NUM_THREADS", "")
-    return int(from_env) if from_env.isdigit() and int(from_env) > 0 else max(1, _cpus() - default_workers())
+    if from_env.isdigit() and int(from_env) > 0:
+        return int(from_env)
+    return max(1, _cpus() - (default_workers() if workers is None else workers))
 
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
@@ -265,8 +267,9 @@ class ModelConfig(Options):
                              "architecture replaces --model)", check=NON_EMPTY)
     img_size: int = option(224, "training and inference image size in pixels",
                            check=integer(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE))
-    crop_mode: str | None = option(None, "how evaluation fits an image to the square input: center (crop), squash "
-                                   "(resize, aspect not kept: nothing is cut off) or border (pad)",
+    crop_mode: str | None = option(None, "how evaluation fits an image to the square input: center (resize the short "
+                                   "side, crop the middle), squash (resize both sides, aspect not kept) or border "
+                                   "(pad); with --crop-pct 1.0, squash and border cut nothing off",
                                    choices=("center", "squash", "border"), shown="the model's, center for VAN")
     crop_pct: float | None = option(None, "evaluation centre-crop fraction",
                                     check=optional(number(0, 1, open_low=True)), shown="the model's, 0.9 for VAN")
@@ -313,8 +316,8 @@ class HardwareConfig(Options):
                                             check=DEVICES)
     strategy: str = option("auto", "auto, ddp, fsdp, ... (Lightning strategies)", check=STRATEGY)
     num_nodes: int = option(1, "machines to train on", check=integer(1, 100_000))
-    threads: int = option(default_factory=default_threads, help="threads for the model on the CPU",
-                          check=integer(1, 1024), shown="the CPUs the loader workers leave free, or $OMP_NUM_THREADS")
+    threads: int | None = option(None, "threads for the model on the CPU", check=integer(1, 1024),
+                                 shown="the CPUs the --workers leave free, or $OMP_NUM_THREADS")
 
 
 @dataclass
@@ -346,8 +349,8 @@ class PredictConfig(Options):
                                    metavar="DIR", shown="none")
     workers: int = option(default_factory=default_workers, help="decoding worker processes", check=integer(0, 64),
                           shown="half the CPUs, at most 4")
-    threads: int = option(default_factory=default_threads, help="threads for the model on the CPU",
-                          check=integer(1, 1024), shown="the CPUs the workers leave free, or $OMP_NUM_THREADS")
+    threads: int | None = option(None, "threads for the model on the CPU", check=integer(1, 1024),
+                                 shown="the CPUs the --workers leave free, or $OMP_NUM_THREADS")
 
 
 @dataclass

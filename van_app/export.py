@@ -150,6 +150,10 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any], model_name: str)
         results.append(EvalResult(task_type="image-classification", dataset_type="imagefolder", dataset_name=dataset,
                                   dataset_split="validation", metric_type="f1", metric_name="Validation macro F1",
                                   metric_value=round(metrics["val_f1"], 4)))
+    if "test_acc" in metrics:
+        results.append(EvalResult(task_type="image-classification", dataset_type="imagefolder", dataset_name=dataset,
+                                  dataset_split="test", metric_type="accuracy", metric_name="Test accuracy",
+                                  metric_value=round(metrics["test_acc"], 4)))
     data = ModelCardData(
         model_name=model_name,
         library_name="timm",
@@ -167,11 +171,13 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any], model_name: str)
     best, epochs = metrics.get("best_epoch"), metrics.get("epochs", "")
     weights_from = f"epoch {best + 1} of {epochs} (best validation accuracy)" if isinstance(best, int) else ""
     name = json.dumps(model_name)  # a Python/JSON string literal, safe inside the code blocks below
+    test_row = (f"| test accuracy (held-out DATA/test) | {metrics['test_acc']:.4f} |\n"
+                if "test_acc" in metrics else "")
     body = f"""
 # {_cell(model_name)}
 
 A Visual Attention Network ({_cell(config['variant'])}) image classifier for {len(labels)} classes,
-{_start_text(run)}, with [VAN Studio](https://arxiv.org/abs/2202.09741) (`van_app` {config['version']})
+{_start_text(run)}, with VAN Studio (`van_app` {config['version']}; VAN: [arXiv 2202.09741](https://arxiv.org/abs/2202.09741))
 on the image folder {_code(dataset)}. Input: {config['image_size']}x{config['image_size']} RGB,
 {_cell(config['interpolation'])} resize, {_cell(config['pretrained_cfg'].get('crop_mode', 'center'))} crop
 {config['crop_pct']}, mean {config['mean']}, std {config['std']}.
@@ -183,7 +189,7 @@ on the image folder {_code(dataset)}. Input: {config['image_size']}x{config['ima
 | accuracy | {metrics['val_acc']:.4f} |
 | macro F1 | {metrics.get('val_f1', float('nan')):.4f} |
 | loss | {metrics['val_loss']:.4f} |
-| exported weights | {weights_from} |
+{test_row}| exported weights | {weights_from} |
 | epochs trained | {epochs} |
 | images seen | {metrics.get('images_seen', '')} |
 

@@ -175,6 +175,9 @@ class VanClassifier(L.LightningModule):
                                                "f1": MulticlassF1Score(n, average=None)})
         self.val_confusion = MulticlassConfusionMatrix(n)
         self.val_loss = MeanMetric()
+        self.test_overall = self.val_overall.clone(prefix="test_")
+        self.test_loss = MeanMetric()
+        self.test_report: dict[str, float] = {}
         self.images_seen = 0
         self.val_report: dict[str, Any] = {}
         self.best = (0.0, -1)  # the best validation accuracy so far and its epoch (-1: none yet)
@@ -206,6 +209,19 @@ class VanClassifier(L.LightningModule):
         self.val_overall.update(logits, y)
         self.val_per_class.update(logits, y)
         self.val_confusion.update(logits, y)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.test_loss.update(F.cross_entropy(logits, y), weight=len(x))
+        self.test_overall.update(logits, y)
+
+    def on_test_epoch_end(self) -> None:
+        scores = dict(self.test_overall.compute(), test_loss=self.test_loss.compute())
+        self.log_dict(scores)
+        self.test_report = {k: float(v) for k, v in scores.items()}
+        self.test_overall.reset()
+        self.test_loss.reset()
 
     def on_fit_start(self) -> None:
         self._fit_started = time.perf_counter()
