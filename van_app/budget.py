@@ -99,7 +99,7 @@ def measure(model: torch.nn.Module, train_loader: Any, val_loader: Any, device: 
     """Training and validation images/s of ``model`` on ``device``, timed on a copy (``model`` is left untouched)."""
     trial = copy.deepcopy(model).to(device).train()
     optimizer = torch.optim.AdamW(trial.parameters(), lr=0.0)
-    context = forward_context or torch.autocast(device.type, enabled=False)
+    context = forward_context or (lambda: torch.autocast(device.type, enabled=False))  # a fresh one per step
     train = _rate(train_loader, warmup, steps, max_seconds, device,
                   lambda x, y: _train_step(trial, optimizer, x, y, context))
     trial.eval()
@@ -110,7 +110,7 @@ def measure(model: torch.nn.Module, train_loader: Any, val_loader: Any, device: 
 
 def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                 context: Any) -> None:
-    with context:
+    with context():
         loss = F.cross_entropy(model(x), y)
     loss.backward()
     optimizer.step()

@@ -252,7 +252,7 @@ def _plan(config: FinetuneConfig, trainer: Any, module: Any, dm: Any, resume_fro
 
     world = trainer.world_size
     rates = measure(module.model, dm.train_dataloader(), dm.val_dataloader(), trainer.strategy.root_device,
-                    forward_context=trainer.precision_plugin.forward_context())
+                    forward_context=trainer.precision_plugin.forward_context)
     rates = Rates(rates.train * world, rates.val * world)
     done = 0
     if resume_from is not None:
