@@ -55,6 +55,19 @@ def run_cli(script: str, *args: str, env: dict[str, str] | None = None, timeout:
     return subprocess.run([script, *args], env=full_env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Iterator[Path]:
+    """A temporary folder for the models ``fuse`` builds (exported graphs), for this process and the apps it starts."""
+    folder = tmp_path_factory.mktemp("van_app_cache")
+    previous = os.environ.get("VAN_APP_CACHE")
+    os.environ["VAN_APP_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("VAN_APP_CACHE", None)
+    else:
+        os.environ["VAN_APP_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """(data folder, export folder, finished process) of a 2-epoch van_micro run with one corrupt image."""

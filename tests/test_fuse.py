@@ -1,4 +1,5 @@
-"""The fused inference model: same outputs, no BatchNorm, original untouched, attention and predict intact."""
+"""The folded eager model (``fuse(model, engine="eager")``): same outputs, no BatchNorm, original untouched, attention,
+gradients and predict intact; the inductor path and its fallbacks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from torch import nn
 
 import van_app
 from van_app import capture_attention, fuse, load_model, predict
-from van_app.fuse import FusedBlock, compile_for_inference, native_bf16
+from van_app.fold import FusedBlock, fold
+from van_app.fuse import compile_for_inference, native_bf16
+
 CUSTOM = dict(embed_dims=(8, 12, 16, 24), depths=(2, 1, 3, 1), mlp_ratios=(4, 2, 3, 2))
 
 
@@ -42,7 +45,7 @@ def micro() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def fused(micro: nn.Module) -> nn.Module:
-    return fuse(micro)
+    return fuse(micro, engine="eager")
 
 
 @pytest.mark.parametrize("size", [(33, 33), (47, 61), (64, 64)])
@@ -57,7 +60,7 @@ def test_fused_matches_unfused_for_a_custom_spec():
     model = _realistic(load_model("van_micro", num_classes=7, **CUSTOM))
     x = torch.randn(3, 3, 45, 45)
     with torch.no_grad():
-        assert _max_diff(fuse(model)(x), model(x)) <= 1e-4
+        assert _max_diff(fuse(model, engine="eager")(x), model(x)) <= 1e-4
 
 
 def test_fused_features_match_unfused(micro, fused):
@@ -69,7 +72,7 @@ def test_fused_features_match_unfused(micro, fused):
 def test_fused_nchw_layout_matches_unfused(micro):
     x = torch.randn(2, 3, 35, 35)
     with torch.no_grad():
-        assert _max_diff(fuse(micro, channels_last=False)(x), micro(x)) <= 1e-4
+        assert _max_diff(fuse(micro, engine="eager", channels_last=False)(x), micro(x)) <= 1e-4
 
 
 def test_fused_model_has_no_batchnorm_and_no_layer_scale(fused):
@@ -82,7 +85,7 @@ def test_fuse_leaves_the_original_untouched(micro):
     before = {k: v.clone() for k, v in micro.state_dict().items()}
     types = [type(m) for m in micro.modules()]
     micro.train()
-    fused = fuse(micro)
+    fused = fuse(micro, engine="eager")
     assert micro.training and not fused.training
     micro.eval()
     assert [type(m) for m in micro.modules()] == types
@@ -94,7 +97,7 @@ def test_fuse_leaves_the_original_untouched(micro):
 def test_fusing_a_fused_model_changes_nothing(fused):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(fuse(fused)(x), fused(x))
+        assert torch.equal(fuse(fused, engine="eager")(x), fused(x))
 
 
 def test_fuse_refuses_a_model_that_is_not_a_van():
@@ -164,3 +167,24 @@ def test_compiler_gets_a_private_copy_of_the_fused_model(fused, monkeypatch):
     served = compile_for_inference(fused, (1, 3, 32, 32))
     assert received[0].__self__ is served and served is not fused
     assert type(served) is type(fused) and served.labels == fused.labels
+
+
+def test_fold_without_prepadding_matches_unfused(micro):
+    x = torch.randn(2, 3, 37, 41)
+    with torch.no_grad():
+        assert _max_diff(fold(micro, channels_last=False, prepad=False)(x), micro(x)) <= 1e-4
+
+
+def test_folded_blocks_hand_back_the_attention_capture_attention_sees(micro, fused):
+    x = torch.randn(1, 3, 48, 48)
+    block = fused.stages[1].blocks[0]
+    features = fused.stages[1].patch_embed(fused.stages[0](x))
+    with torch.no_grad(), capture_attention(fused, detach=True) as captured:
+        out, attn = block.forward_with_attention(features)
+        assert torch.equal(out, block(features))
+    assert torch.equal(attn, captured[(1, 0)])
+
+
+def test_fuse_refuses_an_unknown_engine(micro):
+    with pytest.raises(ValueError, match="engine must be one of"):
+        fuse(micro, engine="tensorrt")

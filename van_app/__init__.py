@@ -18,12 +18,12 @@ from .errors import CheckpointError
 from .variants import VARIANTS, pretrained_variants, register_when_timm_imports
 
 __version__ = "0.1.0"
-__all__ = ["VAN", "VARIANTS", "CheckpointError", "capture_attention", "fuse", "load_model", "predict", "preprocess",
-           "pretrained_variants"]
+__all__ = ["VAN", "VARIANTS", "CheckpointError", "capture_attention", "export_onnx", "fuse", "load_model", "predict",
+           "preprocess", "pretrained_variants"]
 
 # The module each lazily loaded public name lives in.
-_HOMES = {"VAN": "model", "capture_attention": "model", "fuse": "fuse", "load_model": "weights",
-          "predict": "predict", "preprocess": "predict"}
+_HOMES = {"VAN": "model", "capture_attention": "model", "export_onnx": "onnx_export", "fuse": "fuse",
+          "load_model": "weights", "predict": "predict", "preprocess": "predict"}
 
 
 def __getattr__(name: str) -> Any:

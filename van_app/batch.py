@@ -2,8 +2,9 @@
 
 Files are decoded and preprocessed by DataLoader workers while the model runs;
 a file that cannot be read becomes a row with its reason instead of stopping
-the run. With ``heatmaps`` each image's combined LKA map (``explain.stage_maps``)
-comes from the same forward pass as its prediction and is drawn over the image.
+the run. With ``heatmaps`` each image's combined LKA map (``explain.maps_of_stages``)
+comes from the same forward pass as its prediction (``attention.attention_pass``: the
+graph's extra outputs when ``fuse`` chose an ONNX engine) and is drawn over the image.
 When the images sit in folders named after the model's classes, the folder name
 is the true class and ``summary`` reports accuracy and a confusion matrix.
 """
@@ -25,11 +26,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .explain import MapKind, find_map, input_geometry, overlay, stage_maps
+from .attention import attention_pass
+from .explain import MapKind, find_map, input_geometry, maps_of_stages, overlay
 from .files import atomic_path, is_image_file
 from .images import BadImageError, display_size, open_image
-from .model import capture_attention
-from .predict import eval_transform, top_k
+from .predict import eval_transform, placement, top_k
 
 OVERLAY_SIDE = 512  # longest side of a written heatmap overlay
 
@@ -110,16 +111,16 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], *, k: int = 5, 
     """
     loader = DataLoader(_Files(paths, eval_transform(model), heatmaps is not None), batch_size=batch_size,
                         num_workers=workers, collate_fn=list)
-    param = next(model.parameters())
+    device, dtype = placement(model)
     strides = [info["reduction"] for info in model.feature_info]
     with tqdm(total=len(paths), desc="Classifying", unit="img", disable=not progress, file=sys.stderr) as bar:
         for items in loader:
             good = [item for item in items if item.error is None]
-            logits, captured = torch.empty(0), {}
+            logits, block_maps = torch.empty(0), {}
             if good:
-                batch = torch.stack([item.tensor for item in good]).to(param.device, param.dtype)
-                with torch.inference_mode(), capture_attention(model, detach=True) as captured:
-                    logits = model(batch)
+                batch = torch.stack([item.tensor for item in good]).to(device, dtype)
+                with torch.inference_mode():
+                    logits, block_maps = attention_pass(model, batch) if heatmaps is not None else (model(batch), {})
             row = {item.index: i for i, item in enumerate(good)}
             for item in items:
                 path = paths[item.index]
@@ -128,7 +129,7 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], *, k: int = 5, 
                     continue
                 i = row[item.index]
                 if heatmaps is not None:
-                    maps = stage_maps({key: value[i:i + 1] for key, value in captured.items()}, strides)
+                    maps = maps_of_stages({key: value[i] for key, value in block_maps.items()}, strides)
                     picture = overlay(Image.fromarray(item.picture), find_map(maps, MapKind.COMBINED),
                                       input_geometry(model, item.size))
                     target = heatmaps / _overlay_name(path, root)

@@ -8,9 +8,11 @@ is an odd kernel padded by half its width, so receptive fields are centred there
 
 - Block map (class-agnostic): where the attention departs from its usual gate, the
   squared difference between ``attn_c`` and its spatial mean, averaged over channels:
-  ``mean_c (attn_c - mean_hw attn_c)^2``. Each channel's constant offset (which
-  dominates a plain channel mean and has no meaningful sign) drops out; what is left
-  is where the block gates its input unlike everywhere else.
+  ``mean_c (attn_c - mean_hw attn_c)^2`` (``attention.departure``). Each channel's
+  constant offset (which dominates a plain channel mean and has no meaningful sign)
+  drops out; what is left is where the block gates its input unlike everywhere else.
+  ``analyse`` gets these maps with the logits from one pass (``attention.attention_pass``):
+  a model served by ``fuse`` computes them inside its graph.
 - Stage map (class-agnostic): the block maps of the stage averaged. Non-negative raw
   values; displayed min-max normalised to [0, 1]. It shows where the attention singles
   out a region, for no class in particular (``benchmarks/heatmaps.py`` measures how
@@ -59,8 +61,9 @@ from torch import nn
 from torchvision import transforms
 
 from .images import display_size, to_rgb
+from .attention import Maps, attention_pass, departure
 from .model import capture_attention
-from .predict import eval_transform, preprocess, top_k
+from .predict import eval_transform, placement, preprocess, top_k
 
 CONSTANT_TOLERANCE = 1e-5
 # Eval-transform steps that change pixel values but not where they are.
@@ -235,41 +238,44 @@ def combine(maps: list[Heatmap], positive: bool = False, target: int | None = No
     return _heatmap(MapKind.COMBINED, raw, finest.stride, positive, target=target)
 
 
-def departure(attn: torch.Tensor) -> torch.Tensor:
-    """``mean_c (attn_c - mean_hw attn_c)^2`` of one block's ``attn`` (C, h, w): where it gates unlike elsewhere."""
-    attn = attn.float()
-    return (attn - attn.mean((1, 2), keepdim=True)).square().mean(0)
-
-
 def stage_maps(captured: dict[tuple[int, int], torch.Tensor], strides: list[int],
                reduce: Callable[[torch.Tensor], torch.Tensor] = departure) -> list[Heatmap]:
-    """Per stage: the blocks' ``reduce`` maps (default ``departure``) averaged (class-agnostic), then combined."""
+    """Per stage: the captured blocks' ``reduce`` maps (default ``departure``) averaged (class-agnostic), then combined.
+
+    ``captured`` holds one image's attention per block, (1, C, h, w), as ``capture_attention`` records it.
+    """
+    return maps_of_stages({key: reduce(attn[0].float()) for key, attn in captured.items()}, strides)
+
+
+def maps_of_stages(block_maps: Maps, strides: list[int]) -> list[Heatmap]:
+    """Per stage: the mean of its blocks' (h, w) maps in ``block_maps`` (keyed by (stage, block)), then combined."""
     maps = []
     for stage, stride in enumerate(strides):
-        attns = [a for (s, _), a in sorted(captured.items()) if s == stage]
-        raw = torch.stack([reduce(a[0].float()) for a in attns]).mean(0)
+        raw = torch.stack([m.float() for (s, _), m in sorted(block_maps.items()) if s == stage]).mean(0)
         maps.append(_heatmap(MapKind.STAGE, raw.cpu().numpy(), stride, stage=stage))
     return maps + [combine(maps)]
 
 
-def block_maps(captured: dict[tuple[int, int], torch.Tensor], strides: list[int]) -> list[Heatmap]:
-    """Per block: its ``departure`` map (class-agnostic)."""
-    return [
-        _heatmap(MapKind.BLOCK, departure(attn[0]).cpu().numpy(), strides[s], stage=s, block=b)
-        for (s, b), attn in sorted(captured.items())
-    ]
+def maps_of_blocks(block_maps: Maps, strides: list[int]) -> list[Heatmap]:
+    """Per block: its (h, w) map from ``block_maps`` (keyed by (stage, block)), class-agnostic."""
+    return [_heatmap(MapKind.BLOCK, m.float().cpu().numpy(), strides[s], stage=s, block=b)
+            for (s, b), m in sorted(block_maps.items())]
 
 
 def analyse(model: nn.Module, image: Image.Image, k: int = 5, blocks: bool = False) -> Analysis:
-    """Top-``k`` prediction and the stage maps (and block maps if asked) from one inference pass."""
+    """Top-``k`` prediction and the stage maps (and block maps if asked) from one inference pass.
+
+    ``model`` is anything ``attention.attention_pass`` runs: a VAN, folded or not, or what ``fuse`` returns.
+    """
     image = to_rgb(image)
-    param = next(model.parameters())
-    batch = preprocess(model, image).to(param.device, param.dtype)
-    with torch.inference_mode(), capture_attention(model, detach=True) as captured:
-        logits = model(batch)[0]
-        strides = _strides(model)
-        maps = stage_maps(captured, strides) + (block_maps(captured, strides) if blocks else [])
-    return Analysis(top_k(model, logits, k), maps, input_geometry(model, image.size))
+    device, dtype = placement(model)
+    batch = preprocess(model, image).to(device, dtype)
+    with torch.inference_mode():
+        logits, maps = attention_pass(model, batch)
+    strides = _strides(model)
+    first = {key: m[0] for key, m in maps.items()}
+    heatmaps = maps_of_stages(first, strides) + (maps_of_blocks(first, strides) if blocks else [])
+    return Analysis(top_k(model, logits[0], k), heatmaps, input_geometry(model, image.size))
 
 
 def class_maps(model: nn.Module, image: Image.Image, index: int) -> list[Heatmap]:

@@ -61,10 +61,16 @@ def top_k(model: nn.Module, logits: torch.Tensor, k: int = 5) -> dict[str, float
     return {labels[i]: float(p) for p, i in zip(top.values.tolist(), top.indices.tolist())}
 
 
+def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where ``model`` wants its input: the device and dtype of its parameters (CPU float32 for an engine's model)."""
+    param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+
+
 def predict(model: nn.Module, image: Image.Image, k: int = 5) -> dict[str, float]:
-    """Top-``k`` labels of ``image`` with their probabilities, highest first."""
-    param = next(model.parameters())
-    batch = preprocess(model, image).to(param.device, param.dtype)
+    """Top-``k`` labels of ``image`` with their probabilities, highest first (``model``: a VAN or what ``fuse`` returns)."""
+    device, dtype = placement(model)
+    batch = preprocess(model, image).to(device, dtype)
     with torch.inference_mode():
         logits = model(batch)[0]
     return top_k(model, logits, k)
