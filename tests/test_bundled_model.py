@@ -1,48 +1,68 @@
-"""The bundled demo model: a van_app export that loads offline and recognises freshly generated shapes."""
+"""The bundled demo model: a small van_app export that loads offline, sees 96 px or more, fits the whole picture
+without cutting it, and recognises fresh images of every set it promises (``van_app.synthetic.HELD_OUT``)."""
 
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from van_app import load_model, predict
-from van_app.explain import MapKind, analyse, find_map, render
+from van_app.explain import MapKind, analyse, find_map, input_geometry, render
 from van_app.localization import area_share, mass_in_mask
-from van_app.synthetic import SHAPES, generate
+from van_app.synthetic import HELD_OUT, SHAPES, generate
 
 BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints" / "van-b0-shapes"
+SEED = 201  # fresh images: the model trained on seeds 0 and 1, the benchmark measures seeds 101-104
+PER_CLASS = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(BUNDLED)
 
 
 def test_bundled_model_is_small_enough_to_commit():
     assert sum(p.stat().st_size for p in BUNDLED.rglob("*") if p.is_file()) <= 20 * 2**20
 
 
-def test_bundled_config_records_the_image_size():
+def test_bundled_config_records_an_input_of_at_least_96_px():
     config = json.loads((BUNDLED / "config.json").read_text())
-    assert config["pretrained_cfg"]["input_size"][-1] == config["image_size"] == 64
+    assert config["pretrained_cfg"]["input_size"][-1] == config["image_size"] >= 96
 
 
-def test_bundled_model_loads_as_van_b0_with_the_shape_labels():
-    model = load_model(BUNDLED)
+def test_bundled_model_loads_as_van_b0_with_the_shape_labels(model):
     assert model.labels == sorted(SHAPES) and model.variant == "van_b0"
 
 
-def test_bundled_model_classifies_fresh_generated_images():
-    model = load_model(BUNDLED)
-    images = [(shape, generate(shape, index, 64, seed=12345).image) for shape in SHAPES for index in range(10)]
-    correct = sum(next(iter(predict(model, Image.fromarray(pixels), k=1))) == shape for shape, pixels in images)
-    assert correct >= 0.9 * len(images)
+def test_bundled_model_sees_the_whole_of_a_4_3_picture(model):
+    geometry = input_geometry(model, (400, 300))
+    assert geometry.offset == (0.0, 0.0)
+    assert np.allclose(np.array(geometry.scale) * (400, 300), geometry.input_size)
 
 
-def test_bundled_models_stage_one_map_puts_its_mass_on_the_object():
-    model = load_model(BUNDLED)
+def test_bundled_models_stage_one_map_is_at_least_24_by_24(model):
+    analysis = analyse(model, Image.fromarray(generate("ring", 0, 160, seed=SEED).image))
+    assert min(find_map(analysis.maps, MapKind.STAGE, 0).raw.shape) >= 24
+
+
+@pytest.mark.parametrize("name", HELD_OUT)
+def test_bundled_model_classifies_fresh_images_of_each_promised_set(model, name):
+    scene, size = HELD_OUT[name]
+    seed = SEED + list(HELD_OUT).index(name)
+    samples = [generate(shape, index, size, seed, scene) for shape in SHAPES for index in range(PER_CLASS)]
+    correct = sum(next(iter(predict(model, Image.fromarray(s.image), k=1))) == s.shape for s in samples)
+    assert correct >= len(samples) - 1  # the benchmark measures 0.98 or more on 3,000 images of each set
+
+
+def test_bundled_models_stage_one_map_puts_its_mass_on_the_object(model):
     lifts = []
     for shape in SHAPES:
         for index in range(4):
-            sample = generate(shape, index, 64, seed=12345)
+            sample = generate(shape, index, 112, seed=SEED)
             image = Image.fromarray(sample.image)
             analysis = analyse(model, image)
             shown, _ = render(find_map(analysis.maps, MapKind.STAGE, 0), analysis.geometry)
             lifts.append(mass_in_mask(shown, sample.mask) / area_share(sample.mask))
-    assert np.mean(lifts) > 1.3  # a map blind to the object scores 1.0 (the benchmark measures 1.61)
+    assert np.mean(lifts) > 1.3  # a map blind to the object scores 1.0
