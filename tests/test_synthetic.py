@@ -11,7 +11,15 @@ import pytest
 from PIL import Image
 
 from van_app.errors import UsageError
-from van_app.synthetic import BORDER_GAP, SHAPES, Scene, SynthConfig, generate, main, write_dataset
+from van_app.synthetic import (
+    BORDER_GAP,
+    SHAPES,
+    Scene,
+    SynthConfig,
+    generate,
+    main,
+    write_dataset,
+)
 
 SCENES = {
     "default": Scene(),

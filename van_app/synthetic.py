@@ -29,7 +29,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .config import ArgumentParser, Check, Options, add_options, from_namespace, integer, number, option
+from .config import (
+    ArgumentParser,
+    Check,
+    Options,
+    add_options,
+    from_namespace,
+    integer,
+    number,
+    option,
+)
 from .errors import UsageError
 from .files import atomic_path, write_json
 
@@ -321,7 +330,7 @@ class SynthConfig(Options):
     def __post_init__(self) -> None:
         super().__post_init__()
         try:
-            self.scene
+            _ = self.scene  # the ranges' order and the choices, checked by Scene
         except (TypeError, ValueError) as e:
             raise UsageError(str(e)) from None
 
