@@ -28,7 +28,8 @@ from .config import format_duration
 
 EXPORT_RESERVE = (0.05, 10.0)  # kept back for loading the best weights and writing the export: share, at most s
 SAFETY = 1.05  # epochs are planned this much longer than measured, so noise rarely pushes the last past the budget
-MAX_SUB_EPOCHS = 4  # when one epoch does not fit the budget: this many validated shares of it at most
+MAX_SUB_EPOCHS = 4
+MIN_TIMED_S = 2.0  # the shortest measurement of a rate  # when one epoch does not fit the budget: this many validated shares of it at most
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,14 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: tor
 
 
 def _rate(loader: Any, warmup: int, steps: int, max_seconds: float, device: torch.device, step: Any) -> float:
-    """Images/s of ``step`` over ``loader`` after ``warmup`` untimed batches (loading time included)."""
+    """Images/s of ``step`` over ``loader`` after ``warmup`` untimed batches (loading time included).
+
+    The batches the loader's workers prepared in advance are used up before the clock
+    starts, and timing goes on for ``MIN_TIMED_S`` at least, so that a fast model on a
+    GPU is timed at the pace the workers keep up, not at the pace of their head start.
+    """
+    backlog = (getattr(loader, "num_workers", 0) or 0) * (getattr(loader, "prefetch_factor", None) or 0)
+    warmup = max(warmup, backlog + 1)
     batches, images, started = iter(loader), 0, None
     for i, (x, y) in enumerate(batches):
         step(x.to(device), y.to(device))
@@ -128,7 +136,8 @@ def _rate(loader: Any, warmup: int, steps: int, max_seconds: float, device: torc
             started = time.perf_counter()
         elif started is not None:
             images += len(x)
-            if i + 1 >= warmup + steps or time.perf_counter() - started > max_seconds:
+            elapsed = time.perf_counter() - started
+            if (i + 1 >= warmup + steps and elapsed > MIN_TIMED_S) or elapsed > max_seconds:
                 break
     if started is None or images == 0:  # too few batches to time after the warm-up: time them all instead
         started, images = time.perf_counter(), 0
