@@ -20,6 +20,7 @@ from torch import nn
 
 import van_app  # noqa: F401  (registers the variants with timm)
 from van_app.model import VAN, VARIANTS, capture_attention, lka_modules
+from van_app.weights import load_model
 
 PAPER_PARAMS_M = {"van_b0": 4.1, "van_b1": 13.9, "van_b2": 26.6, "van_b3": 44.8}
 
@@ -356,3 +357,12 @@ def test_public_names_load_lazily_and_submodules_do_not_shadow_them(tmp_path: Pa
         assert van_app.fuse is fuse and van_app.predict is predict and callable(fuse) and callable(predict)
         assert load_model("van_micro").variant == "van_micro" and VAN.__module__ == "van_app.model"
     """, tmp_path)
+
+
+def test_a_fresh_model_keeps_vans_preprocessing_whatever_timms_registry_holds(monkeypatch):
+    import timm.models._builder
+
+    monkeypatch.setattr(timm.models._builder, "get_pretrained_cfg", lambda name, allow_unregistered=True: None)
+    model = load_model("van_b0", num_classes=3)
+    assert (model.pretrained_cfg["mean"], model.pretrained_cfg["std"]) == ((0.5,) * 3, (0.5,) * 3)
+    assert model.pretrained_cfg["interpolation"] == "bicubic" and model.pretrained_cfg["crop_pct"] == 0.9

@@ -125,6 +125,8 @@ def create_van(variant: str, pretrained: bool = False, **kwargs: Any) -> VAN:
     from .convert import checkpoint_filter_fn
     from .model import VAN
 
+    if "pretrained_cfg" not in kwargs:  # not a config timm read from a file: ours, whatever timm's registry holds
+        kwargs["pretrained_cfg_overlay"] = {**pretrained_cfg(variant), **(kwargs.get("pretrained_cfg_overlay") or {})}
     model = build_model_with_cfg(
         VAN,
         variant,
