@@ -161,9 +161,9 @@ def plan_run(rates: Rates, train_images: int, val_images: int, batch_size: int, 
         return plan
     usable = max(budget_s - reserve(budget_s), 1.0)
     whole = Plan(rates, train_images, val_images, batch_size, 1, 1.0, budget_s)
-    if whole.epoch_s <= usable:
-        return Plan(rates, train_images, val_images, batch_size, max(1, math.floor(usable / whole.epoch_s)), 1.0,
-                    budget_s)
+    if whole.epoch_s * SAFETY <= usable:
+        return Plan(rates, train_images, val_images, batch_size, max(1, math.floor(usable / (whole.epoch_s * SAFETY))),
+                    1.0, budget_s)
     val_s = val_images / rates.val
     train_s = whole.epoch_s - val_s
     # One epoch is too long: train on a share of it, validating a few times, validation at most half the time.

@@ -92,7 +92,8 @@ def create_classifier(variant: str, pretrained: str, num_classes: int, drop_path
             except CheckpointError as e:
                 if pretrained != "auto":
                     raise CheckpointError(f"--pretrained {name}: {e}") from e
-                model, note = load_model(variant, **fresh), (f"official {name} weights not available ({e}); "
+                why = str(e).split(": ", 1)[-1]  # the reason, without the repo and file it was about
+                model, note = load_model(variant, **fresh), (f"official {name} weights not available ({why}); "
                                                             "training from random initialisation")
     else:
         model = load_model(pretrained, **build)
