@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+import matplotlib
+
 from van_app.ui import build_demo, launch_options
 
 
@@ -21,6 +23,9 @@ def main() -> None:
                              "weights; off, they choose among the startup model, official pretrained weights and Hub "
                              "repos of bounded size (default: on, except on a Hugging Face Space, which sets $SPACE_ID)")
     args = parser.parse_args()
+    # The page draws no figures, and gradio asks matplotlib for its backend around every event: a fixed one spares
+    # the first visitor the import of pyplot (about 0.3 s).
+    matplotlib.use("agg")
     build_demo(args.model, root=Path(__file__).resolve().parent,
                allow_local=args.local_models).launch(**launch_options())
 

@@ -1,46 +1,142 @@
-"""Latency of the app's prediction path, in one run: in-process, end-to-end over HTTP, and under 8 concurrent clients.
+"""Latency of the app's prediction in one run: in-process, end to end through gradio_client, under concurrent clients.
 
-Prints p50/p95 of (1) the prediction alone (``predict`` on the fused model), (2) the
-prediction with every heatmap and overlay the page shows (``analyse`` + one overlay per
-stage and the combined map), (3) the class map, (4) ``/predict`` end to end through
-gradio_client against the app served on a local port (in this process, as ``app.py``
-builds it), and requests per second with N concurrent clients (none may fail).
-Usage: ``python benchmarks/app_latency.py``.
+For this checkout and, with ``--before DIR``, another one (a worktree of the previous
+main: ``git worktree add /tmp/serve-before <commit>``), side by side on the same image
+and the same weights, each figure measured in the same run:
+
+- in-process: the ``/predict`` handler itself (the function gradio calls: read the
+  upload, one model pass with the attention maps, the gallery's overlays), called in
+  a process of that checkout's own, after its start-up model is warm;
+- end to end: ``/predict`` through gradio_client against that checkout's app served on
+  127.0.0.1 (``build_demo`` + ``launch`` as ``app.py`` does, launched once the start-up
+  model is warm), requests to the two apps interleaved; the ratio to in-process;
+- throughput: ``--clients`` concurrent gradio_client clients, each sending its own
+  image ``--requests`` times (none may fail), in requests/s with per-request p50/p95;
+- floor: the same round trip against an app whose handler does nothing and returns
+  the same outputs (five small JPEGs and labels): what gradio and its client cost.
+
+gradio_client opens a new HTTP connection, with a new TLS context, for every upload,
+request, event stream and downloaded file, even over plain HTTP; creating each context
+loads the CA bundle (about 20 ms of CPU here). ``--ssl-verify false`` measures clients
+that skip it (``Client(ssl_verify=False)``, harmless on http://127.0.0.1).
+
+    python benchmarks/app_latency.py --before /tmp/serve-before
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
+REQUEST_TIMEOUT = 120  # seconds before a request under load counts as failed
+
+# Run in a checkout's own process (PYTHONPATH=checkout): its /predict handler timed in-process, as JSON on stdout.
+IN_PROCESS = """
+import json, statistics, sys, threading, time, uuid
+from pathlib import Path
+from van_app.ui import Style, build_demo
+
+model, image, runs, warmup = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+demo = build_demo(model, root=Path.cwd())
+handler = next(f.fn for f in demo.fns.values() if f.api_name == "predict")
+page = handler.args[0]
+loaded = page.models.get(page.start)
+if hasattr(loaded, "ready"):
+    loaded.ready.wait()
+upload = Path(page.uploads) / uuid.uuid4().hex / image.name
+upload.parent.mkdir(parents=True)
+upload.write_bytes(image.read_bytes())
+payload = {"path": str(upload), "orig_name": image.name, "meta": {"_type": "gradio.FileData"}}
+times = []
+
+def measure():  # in a worker thread, as gradio runs handlers
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        handler(payload, page.start, Style())
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+
+worker = threading.Thread(target=measure)
+worker.start()
+worker.join()
+print(json.dumps(times))
+"""
+
+# Run in a checkout's own process: its app, launched on GRADIO_SERVER_PORT once the start-up model is warm.
+SERVE = """
+import sys
+from pathlib import Path
+
+import matplotlib
+
+from van_app.ui import build_demo, launch_options
+
+matplotlib.use("agg")  # as app.py does
+demo = build_demo(sys.argv[1], root=Path.cwd())
+handler = next(f.fn for f in demo.fns.values() if f.api_name == "predict")
+loaded = handler.args[0].models.get(handler.args[0].start)
+if hasattr(loaded, "ready"):
+    loaded.ready.wait()
+demo.launch(**launch_options())
+"""
+
+# The floor: an app with the same outputs whose handler does nothing but make five small pictures (each request's
+# differ: gradio's cache is content-addressed, and identical concurrent outputs race each other there).
+FLOOR = """
+import itertools
+
+import gradio as gr
+from PIL import Image
+
+from van_app.ui import launch_options
+
+count = itertools.count()
+
+def answer(_):
+    n = next(count)
+    return {"a": 0.9, "b": 0.1}, [(Image.new("RGB", (384, 288), (n % 256, n // 256 % 256, i)), f"map {i}")
+                                  for i in range(5)]
+
+with gr.Blocks() as demo:
+    image = gr.Image(type="filepath")
+    labels, gallery = gr.Label(), gr.Gallery(format="jpeg")
+    gr.Button().click(answer, image, [labels, gallery], api_name="predict", preprocess=False)
+demo.queue(default_concurrency_limit=2).launch(**launch_options())
+"""
 
 
 def parse_args() -> argparse.Namespace:
-    """Command line: model, image size, repetitions and concurrency."""
+    """Command line: model, checkouts, image size, repetitions, concurrency, client TLS."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="van_b0", help="anything load_model accepts")
+    parser.add_argument("--model", default="van_b0",
+                        help="anything load_model accepts; a variant gets random weights with measured BatchNorm "
+                             "statistics")
+    parser.add_argument("--before", type=Path, help="another checkout to measure beside this one")
     parser.add_argument("--width", type=int, default=640, help="test image width (the model sees 224 px)")
     parser.add_argument("--height", type=int, default=480, help="test image height")
-    parser.add_argument("--runs", type=int, default=30, help="timed repetitions per in-process measurement")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed repetitions first")
-    parser.add_argument("--http-runs", type=int, default=20, help="timed end-to-end requests")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent clients for the throughput test")
+    parser.add_argument("--runs", type=int, default=30, help="timed in-process calls")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls and requests first")
+    parser.add_argument("--http-runs", type=int, default=20, help="timed end-to-end requests per app")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients for the throughput test")
     parser.add_argument("--requests", type=int, default=4, help="requests per concurrent client")
-    parser.add_argument("--http", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure through the served app")
+    parser.add_argument("--ssl-verify", action=argparse.BooleanOptionalAction, default=True,
+                        help="gradio_client's ssl_verify (its default: on, a TLS context per connection)")
     return parser.parse_args()
 
 
@@ -62,29 +158,11 @@ def test_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return image
 
 
-def timed(*fns: Callable[[], object], runs: int, warmup: int) -> list[list[float]]:
-    """Seconds per call of each of ``fns``, called in turn (so load changes hit all alike), after a warm-up."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(runs):
-        for fn, out in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return times
-
-
-def summary(name: str, times: list[float]) -> str:
-    """``name: p50 .. ms, p95 .. ms``."""
-    p95 = float(np.percentile(times, 95))
-    return f"{name:<42} p50 {1000 * statistics.median(times):7.1f} ms   p95 {1000 * p95:7.1f} ms   (n={len(times)})"
-
-
-def realistic(model: torch.nn.Module, batches: int = 4) -> torch.nn.Module:
+def realistic(model, batches: int = 4):
     """``model`` with BatchNorm statistics measured on random images (random init alone drives
     activations into denormal floats, which makes CPU timings meaningless)."""
+    import torch
+
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for norm in norms:
         norm.reset_running_stats()
@@ -97,7 +175,7 @@ def realistic(model: torch.nn.Module, batches: int = 4) -> torch.nn.Module:
     return model.eval()
 
 
-def export_for_app(model: torch.nn.Module, folder: Path) -> Path:
+def export_for_app(model, folder: Path) -> Path:
     """``model`` as a van_app export directory (config.json + model.safetensors) the app can load."""
     from safetensors.torch import save_file
 
@@ -111,102 +189,166 @@ def export_for_app(model: torch.nn.Module, folder: Path) -> Path:
     return folder
 
 
-def in_process(args: argparse.Namespace, source: str, image: Image.Image) -> None:
-    """Print the in-process timings: prediction alone, prediction with all heatmaps, class map."""
-    from van_app import fuse, load_model, predict
-    from van_app.explain import ClassMapCache, analyse, class_maps, overlay
-
-    model = load_model(source)
-    fused = fuse(model)
-
-    def with_heatmaps() -> None:
-        analysis = analyse(fused, image)
-        for heatmap in analysis.maps:
-            overlay(image, heatmap, analysis.geometry)
-
-    plain, full = timed(lambda: predict(fused, image), with_heatmaps, runs=args.runs, warmup=args.warmup)
-    print(summary("prediction alone (fused, inference_mode)", plain))
-    print(summary("prediction + 5 heatmaps + overlays", full))
-    print(f"{'heatmap overhead (p50)':<42} {100 * (statistics.median(full) / statistics.median(plain) - 1):+.0f} %")
-    (fresh,) = timed(lambda: class_maps(model, image, 0), runs=max(3, args.runs // 3), warmup=1)
-    print(summary("class map (own pass with gradients)", fresh))
-    cache = ClassMapCache(model)
-    cache(image, 0)
-    (cached,) = timed(lambda: cache(image, 0), runs=args.runs, warmup=1)
-    print(summary("class map, cached", cached))
+def summary(times: list[float]) -> str:
+    """``p50 .. ms  p95 .. ms``."""
+    return (f"p50 {1000 * statistics.median(times):7.1f} ms  p95 {1000 * float(np.percentile(times, 95)):7.1f} ms "
+            f"(n={len(times)})")
 
 
-def over_http(args: argparse.Namespace, source: str, image: Image.Image) -> None:
-    """Serve the app and print end-to-end latency and concurrent throughput through gradio_client."""
+def environment(tree: Path) -> dict[str, str]:
+    """The environment of a process of checkout ``tree``: its package first on the path, no telemetry."""
+    return dict(os.environ, PYTHONPATH=str(tree), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
+                PYTHONUNBUFFERED="1")
+
+
+def in_process(tree: Path, model: str, image: Path, args: argparse.Namespace) -> list[float]:
+    """Seconds per call of ``tree``'s /predict handler, measured in a process of its own."""
+    out = subprocess.run([sys.executable, "-c", IN_PROCESS, model, str(image), str(args.runs), str(args.warmup)],
+                         cwd=tree, env=environment(tree), capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"in-process run of {tree} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class Served:
+    """A script (``SERVE`` or ``FLOOR``) serving on a free local port in a process of checkout ``tree``."""
+
+    def __init__(self, script: str, tree: Path, *script_args: str, timeout: float = 600) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(environment(tree), GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port))
+        self.process = subprocess.Popen([sys.executable, "-c", script, *script_args], cwd=tree, env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"the app of {tree} exited:\n{self.process.stderr.read()[-3000:]}")
+            try:
+                urllib.request.urlopen(self.url, timeout=2).close()
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.close()
+        raise SystemExit(f"the app of {tree} did not answer within {timeout} s")
+
+    def close(self) -> None:
+        """Stop the server and reap it."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def end_to_end(apps: dict[str, Served], image: Path, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds per /predict request of each app, one client each, requests interleaved across the apps."""
     from gradio_client import Client, handle_file
 
-    from van_app.ui import build_demo, launch_options
-
-    demo = build_demo(source, root=ROOT)
-    demo.launch(**dict(launch_options(), server_name="127.0.0.1", server_port=None), prevent_thread_lock=True,
-                quiet=True)
-    url = demo.local_url
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "bench.jpg"
-            image.save(path, quality=90)
-            client = Client(url, verbose=False)
-            send = lambda c=client: c.predict(handle_file(str(path)), api_name="/predict")  # noqa: E731
-            (end_to_end,) = timed(send, runs=args.http_runs, warmup=2)
-            print(summary("end to end via gradio_client (/predict)", end_to_end))
-            # each client uploads its own image, as different users do: gradio rewrites content-addressed
-            # cache files non-atomically, so byte-identical concurrent outputs can race each other
-            clients = [Client(url, verbose=False) for _ in range(args.clients)]
-            failures: list[str] = []
-            for i in range(args.clients):
-                test_image(args.width, args.height, seed=i + 1).save(Path(tmp) / f"client{i}.jpg", quality=90)
-
-            def worker(i: int) -> None:
-                for _ in range(args.requests):
-                    try:
-                        labels, gallery = clients[i].predict(handle_file(str(Path(tmp) / f"client{i}.jpg")),
-                                                             api_name="/predict")
-                        if len(gallery) != 5 or not labels["confidences"]:
-                            failures.append("incomplete answer")
-                    except Exception as e:  # any failed request counts, whatever its kind
-                        failures.append(f"{type(e).__name__}: {e}")
-
-            threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.clients)]
+    clients = {name: Client(app.url, verbose=False, ssl_verify=args.ssl_verify) for name, app in apps.items()}
+    times: dict[str, list[float]] = {name: [] for name in apps}
+    for i in range(args.warmup + args.http_runs):
+        for name, client in clients.items():
             start = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            elapsed = time.perf_counter() - start
-            total = args.clients * args.requests
-            print(f"{f'{args.clients} concurrent clients':<42} {total / elapsed:7.2f} requests/s   "
-                  f"{len(failures)} of {total} failed" + (f" (first: {failures[0]})" if failures else ""))
-    finally:
-        demo.close()
+            client.predict(handle_file(str(image)), api_name="/predict")
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def throughput(app: Served, folder: Path, args: argparse.Namespace) -> tuple[float, list[float], list[str]]:
+    """Requests/s of ``args.clients`` concurrent clients, each request's seconds, and the failures."""
+    from gradio_client import Client, handle_file
+
+    # each client uploads its own image, as different users do: gradio rewrites content-addressed cache
+    # files non-atomically, so byte-identical concurrent outputs can race each other
+    clients = [Client(app.url, verbose=False, ssl_verify=args.ssl_verify) for _ in range(args.clients)]
+    latencies: list[float] = []
+    failures: list[str] = []
+
+    def worker(i: int) -> None:
+        path = handle_file(str(folder / f"client{i}.jpg"))
+        for _ in range(args.requests):
+            start = time.perf_counter()
+            try:
+                labels, gallery = clients[i].submit(path, api_name="/predict").result(timeout=REQUEST_TIMEOUT)[:2]
+                if len(gallery) != 5 or not labels["confidences"]:
+                    failures.append("incomplete answer")
+            except Exception as e:  # any failed request counts, whatever its kind
+                failures.append(f"{type(e).__name__}: {e}")
+            latencies.append(time.perf_counter() - start)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return args.clients * args.requests / (time.perf_counter() - start), latencies, failures
 
 
 def main() -> None:
-    """Run every measurement and print them with the machine they ran on."""
+    """Measure every checkout and print the figures side by side, with the machine they ran on."""
+    import torch
+
     from van_app import load_model
     from van_app.variants import VARIANTS
 
     args = parse_args()
-    image = test_image(args.width, args.height)
-    print(f"{args.model} at 224 px on CPU: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f}; "
-          f"test image {args.width}x{args.height}")
+    trees = {"before": args.before.resolve()} if args.before else {}
+    trees["after"] = ROOT
+    print(f"{args.model} at 224 px on CPU: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f}; test image {args.width}x{args.height} JPEG; "
+          f"gradio_client ssl_verify={args.ssl_verify}")
     with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
         source = args.model
         if source in VARIANTS:
-            source = str(export_for_app(realistic(load_model(source)), Path(tmp)))
+            torch.manual_seed(0)
+            source = str(export_for_app(realistic(load_model(source)), folder))
             print(f"random {args.model} weights with BatchNorm statistics measured on random images")
-        # gradio runs handlers in worker threads; torch's CPU thread pool behaves differently there than in the
-        # main thread (much slower on a busy machine), so the in-process figures are measured the same way
-        worker = threading.Thread(target=in_process, args=(args, source, image))
-        worker.start()
-        worker.join()
-        if args.http:
-            over_http(args, source, image)
+        image = folder / "bench.jpg"
+        test_image(args.width, args.height).save(image, quality=90)
+        for i in range(args.clients):
+            test_image(args.width, args.height, seed=i + 1).save(folder / f"client{i}.jpg", quality=90)
+
+        local = {name: in_process(tree, source, image, args) for name, tree in trees.items()}
+        apps = {name: Served(SERVE, tree, source) for name, tree in trees.items()}
+        try:
+            remote = end_to_end(apps, image, args)
+            loaded = {}
+            for name, app in apps.items():
+                loaded[name] = throughput(app, folder, args)
+        finally:
+            for app in apps.values():
+                app.close()
+        floor_app = Served(FLOOR, ROOT)
+        try:
+            floor = end_to_end({"floor": floor_app}, image, args)["floor"]
+        finally:
+            floor_app.close()
+
+    print(f"\n{'':34} " + "".join(f"{name:>44}" for name in trees))
+    rows: list[tuple[str, Callable[[str], str]]] = [
+        ("in-process /predict handler", lambda n: summary(local[n])),
+        ("end to end via gradio_client", lambda n: summary(remote[n])),
+        ("end to end / in-process (p50)",
+         lambda n: f"{statistics.median(remote[n]) / statistics.median(local[n]):.2f}x"),
+        (f"{args.clients} clients: requests/s", lambda n: f"{loaded[n][0]:.2f} req/s, {len(loaded[n][2])} failed"),
+        (f"{args.clients} clients: per request", lambda n: summary(loaded[n][1])),
+    ]
+    for label, cell in rows:
+        print(f"{label:34} " + "".join(f"{cell(name):>44}" for name in trees))
+    print(f"{'floor: gradio + client, no work':34} {summary(floor):>44}")
+    if "before" in trees:
+        print(f"after vs before: in-process {statistics.median(local['before']) / statistics.median(local['after']):.1f}x"
+              f" faster, end to end {statistics.median(remote['before']) / statistics.median(remote['after']):.1f}x"
+              f" faster, throughput {loaded['after'][0] / loaded['before'][0]:.1f}x")
+    for name, (_, _, failures) in loaded.items():
+        if failures:
+            print(f"{name}: first failure: {failures[0]}")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ from PIL import Image, ImageDraw, ImageFile
 from van_app import pretrained_variants
 from van_app.images import ImageLimits, ImageTooLargeError
 from van_app.serving import BodyLimit, ModelKey, ModelStore, ResultStore, fetch_limited
-from van_app.ui import (MAX_PIXELS, Page, Style, build_demo, default_key, example_images, explain_class, launch_options,
-                        load_for_page, markdown_text, page_model, predict, read_upload, restyle, typed_source)
+from van_app.engines import installed_engines
+from van_app.ui import (GALLERY_SIDE, MAX_PIXELS, SLIDER_SIDE, Page, Style, build_demo, default_key, example_images,
+                        explain_class, launch_options, load_for_page, markdown_text, page_model, predict, read_upload,
+                        restyle, slider_value, timing, typed_source)
 
 slow = pytest.mark.slow
 
@@ -143,7 +145,7 @@ def test_predict_returns_top_k_labels_and_overlays(client, tmp_path):
     assert [item["caption"].split(" (")[0] for item in gallery] == ["Stage 1", "Stage 2", "Stage 3", "Stage 4",
                                                                      "Combined"]
     with Image.open(gallery[-1]["image"]) as overlay:
-        assert overlay.size == (80, 48) and overlay.mode == "RGB"
+        assert overlay.size == (80, 48) and overlay.mode == "RGB" and overlay.format == "JPEG"
 
 
 @slow
@@ -349,6 +351,35 @@ def test_sessions_hold_only_a_key_and_results_stay_bounded(page):
         _, _, key = predict(page, uploaded(page, Image.new("RGB", (64, 48), (40 * i, 0, 0))), page.start, Style())
         assert isinstance(key, str) and len(key) < 40
     assert len(page.results) == page.results.maxsize == 3
+
+
+def test_page_answers_with_pytorch_while_the_engine_warms_up(tmp_path, monkeypatch):
+    import van_app.serving
+
+    release, real_fuse = threading.Event(), van_app.serving.fuse
+    monkeypatch.setattr(van_app.serving, "fuse", lambda *args, **kwargs: release.wait(60) and real_fuse(*args, **kwargs))
+    page = Page(ModelStore(threads=1), ResultStore(), ModelKey("van_micro"), tmp_path)
+    loaded = page.models.get(page.start)
+    picture = Image.new("RGB", (64, 48), (200, 40, 0))
+    _, _, key = predict(page, uploaded(page, picture), page.start, Style())
+    assert page.results.get(key).engine == "PyTorch" and not loaded.ready.is_set()
+    release.set()
+    assert loaded.ready.wait(120)
+    _, _, key = predict(page, uploaded(page, picture), page.start, Style())
+    assert page.results.get(key).engine in installed_engines()
+
+
+def test_overlays_are_drawn_at_the_size_they_are_shown(page):
+    _, gallery, key = predict(page, uploaded(page, Image.new("RGB", (1600, 1200), (0, 90, 200))), page.start, Style())
+    assert [image.size for image, _ in gallery] == [(GALLERY_SIDE, GALLERY_SIDE * 3 // 4)] * 5
+    original, overlay = slider_value(page.results.get(key), Style())
+    assert original.size == overlay.size == (SLIDER_SIDE, SLIDER_SIDE * 3 // 4)
+
+
+def test_timing_says_what_ran_the_model(page):
+    _, _, key = predict(page, uploaded(page, Image.new("RGB", (64, 48))), page.start, Style())
+    result = replace(page.results.get(key), engine="onnxruntime")
+    assert "ms (onnxruntime), overlays" in timing(result)
 
 
 def test_picking_a_class_for_an_expired_result_says_so(page):

@@ -445,6 +445,43 @@ def predict_main(argv: list[str] | None = None) -> int:
         return _fail(os_error_line(e))
 
 
+def build_export_onnx_parser() -> ArgumentParser:
+    """The ``van-export-onnx`` argument parser."""
+    parser = ArgumentParser(prog="van-export-onnx",
+                            description="Write a VAN as an ONNX file for ONNX Runtime, OpenVINO or any ONNX engine: "
+                                        "dynamic batch, labels and preprocessing in its metadata.")
+    parser.add_argument("model", help="an export folder, a Hub repo id, a checkpoint or a variant name "
+                                      "(what load_model accepts)")
+    parser.add_argument("output", type=Path, help="the .onnx file to write")
+    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
+                        help="a variant name gets its official ImageNet weights (default: random weights)")
+    parser.add_argument("--maps", action=argparse.BooleanOptionalAction, default=False,
+                        help="also output each block's LKA attention map, the heatmaps the app draws")
+    return parser
+
+
+def export_onnx_main(argv: list[str] | None = None) -> int:
+    """``van-export-onnx MODEL OUTPUT``: write the file, check it in ONNX Runtime; one-line errors exit 2."""
+    args = build_export_onnx_parser().parse_args(argv)
+    from .onnx_export import export_onnx, verify_export
+    from .weights import load_model
+
+    try:
+        model = load_model(args.model, pretrained=args.pretrained)
+        export_onnx(model, args.output, maps=args.maps)
+    except (*USER_ERRORS, FileNotFoundError) as e:
+        return _fail(first_line(e))
+    except OSError as e:
+        return _fail(os_error_line(e))
+    difference = verify_export(model, args.output)
+    if not difference <= 1e-4:
+        return _fail(f"{args.output}: ONNX Runtime's logits differ from PyTorch's by {difference:.3g}", code=1)
+    print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MB): {model.variant}, "
+          f"{len(model.labels)} labels, input (batch, 3, {model.pretrained_cfg['input_size'][-2]}, "
+          f"{model.pretrained_cfg['input_size'][-1]}); ONNX Runtime matches PyTorch within {difference:.1e}")
+    return 0
+
+
 def _predict(source: str, sources: list[str], config: PredictConfig) -> int:
     """The van-predict run."""
     import torch

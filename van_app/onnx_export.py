@@ -21,7 +21,9 @@ whatever the caller adds (the disk cache adds its key). ``read_metadata`` reads 
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +44,9 @@ INPUT = "image"
 LOGITS = "logits"
 # Metadata values stored as JSON (the rest are plain strings).
 JSON_KEYS = ("labels", "preprocessing", "pretrained_cfg", "model_args", "attention_maps", "format")
+# torch.onnx.export keeps its state in process globals and refuses to run twice at once (two models loading in
+# the app's background threads): exports take turns.
+_EXPORTING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, maps: bool = False, size:
     example = torch.zeros(2, 3, *(size or data_config(model)["input_size"][-2:]))
     dynamic = {name: {0: "batch"} for name in (INPUT, LOGITS, *names)}
     with atomic_path(path) as tmp:
-        with warnings.catch_warnings():
+        with _EXPORTING, warnings.catch_warnings():
             # The TorchScript exporter announces its own deprecation and the shape inference it runs; neither
             # concerns the file written.
             warnings.simplefilter("ignore")
@@ -123,3 +128,19 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
     proto = onnx.load(str(path), load_external_data=False)
     return {p.key: json.loads(p.value) if p.key in JSON_KEYS else p.value for p in proto.metadata_props}
+
+
+def verify_export(model: nn.Module, path: str | Path, batch: int = 2, seed: int = 0) -> float:
+    """The largest difference between ``model``'s logits and those ONNX Runtime computes from the file at ``path``,
+    on a random batch of ``batch`` images (infinite when either is not finite)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    height, width = session.get_inputs()[0].shape[2:]
+    x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        want = copy.deepcopy(model).to("cpu", torch.float32).eval()(x)
+    got = torch.from_numpy(session.run([LOGITS], {INPUT: x.numpy()})[0])
+    if not (torch.isfinite(got).all() and torch.isfinite(want).all()):
+        return float("inf")
+    return float((got - want).abs().max())

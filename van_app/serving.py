@@ -1,6 +1,9 @@
 """Serving the page to the public: the models and results it holds, bounded, and the requests it admits.
 
-- ``ModelStore``: models loaded once per process, fused and warmed up, the last few kept.
+- ``ModelStore``: models loaded once per process, the last few kept. A model serves at once
+  through its folded eager copy while ``fuse`` builds the fastest engine in the background
+  (an ONNX graph with the attention maps as outputs, cached on disk by ``engines``); the
+  engine takes over once it is built and warmed up, so the page answers while it warms up.
 - ``ResultStore``: each session's last result kept server-side under a random key,
   bounded in number and age whatever the number of sessions.
 - ``BodyLimit``: an ASGI middleware that refuses any request body over a size before
@@ -12,6 +15,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import secrets
 import threading
 import time
@@ -27,8 +32,10 @@ import PIL.Image
 import torch
 from torch import nn
 
+from .engines import EngineModel
 from .explain import ClassMapCache, analyse
 from .files import IMAGE_SUFFIXES
+from .fold import fold
 from .fuse import fuse
 from .images import BadImageError, ImageTooLargeError
 from .weights import load_model
@@ -36,6 +43,7 @@ from .weights import load_model
 # Hosts gradio itself fetches from without an address check (Hugging Face's own, behind split DNS).
 TRUSTED_HOSTS = ("hf.co", "huggingface.co", "*.hf.co", "*.huggingface.co")
 MAX_REDIRECTS = 5
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,27 +56,41 @@ class ModelKey:
 
 @dataclass
 class LoadedModel:
-    """A model ready to serve: the unfused one (class maps), its fused copy (prediction) and a forward lock."""
+    """A model ready to serve: the unfused one (class maps), its folded eager copy, and the engine once built.
+
+    ``serving`` is safe to call from several threads at once (neither model uses hooks).
+    ``ready`` is set when the background build has finished, whether an engine came of it or not.
+    """
 
     key: ModelKey
     model: nn.Module
-    fused: nn.Module
+    eager: nn.Module
     class_maps: ClassMapCache
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    fast: nn.Module | EngineModel | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def serving(self) -> nn.Module | EngineModel:
+        """The fastest model built so far: ``fuse``'s once ready, the folded eager model until then."""
+        return self.fast if self.fast is not None else self.eager
 
 
 class ModelStore:
-    """Models loaded once per process and shared by every session (least recently used dropped past ``maxsize``)."""
+    """Models loaded once per process and shared by every session (least recently used dropped past ``maxsize``).
 
-    def __init__(self, maxsize: int = 3, device: str | None = None) -> None:
+    ``threads`` is what one prediction may use of an engine (default: the cores shared by two concurrent calls).
+    """
+
+    def __init__(self, maxsize: int = 3, device: str | None = None, threads: int | None = None) -> None:
         self.maxsize = maxsize
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.threads = threads or max(1, (os.cpu_count() or 1) // 2)
         self._models: OrderedDict[ModelKey, LoadedModel] = OrderedDict()
         self._loading: dict[ModelKey, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get(self, key: ModelKey, max_bytes: int | None = None) -> LoadedModel:
-        """The loaded model for ``key``, loading, fusing and warming it up on first use (once per key).
+        """The loaded model for ``key``, loaded on first use (once per key), its engine built in the background.
 
         A load refuses weights files over ``max_bytes`` before reading or downloading them.
         """
@@ -93,12 +115,26 @@ class ModelStore:
         return loaded
 
     def _load(self, key: ModelKey, max_bytes: int | None) -> LoadedModel:
-        """Load, fuse and warm up one model."""
+        """Load one model and fold it (it serves at once); its engine is built by a background thread."""
         model = load_model(key.source, pretrained=key.pretrained, max_bytes=max_bytes).to(self.device)
-        loaded = LoadedModel(key, model, fuse(model), ClassMapCache(model))
-        width = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-        analyse(loaded.fused, PIL.Image.new("RGB", (width, width)))
+        loaded = LoadedModel(key, model, fold(model), ClassMapCache(model))
+        # Not a daemon: an interpreter that exits mid-build waits for it (OpenVINO aborts the process when torn down
+        # under a running call).
+        threading.Thread(target=self._speed_up, args=(loaded,), name=f"fuse {key.source}").start()
         return loaded
+
+    def _speed_up(self, loaded: LoadedModel) -> None:
+        """Build ``loaded``'s fastest model, warm it up (attention maps included) and let it serve."""
+        try:
+            fast = fuse(loaded.model, threads=self.threads)
+            width = loaded.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+            analyse(fast, PIL.Image.new("RGB", (width, width)))
+            loaded.fast = fast
+        except Exception:  # whatever the build raised, the eager model keeps serving
+            logger.warning("%s keeps serving with PyTorch: its engine could not be built", loaded.key.source,
+                           exc_info=True)
+        finally:
+            loaded.ready.set()
 
 
 class ResultStore:

@@ -12,6 +12,10 @@ What a public page needs is decided here:
   gradio parses them (``serving.BodyLimit``).
 - All model work (prediction, class maps, loads) shares one concurrency limit
   (``WORK``); past ``MAX_QUEUE`` waiting events the page says the app is busy.
+- A prediction is one pass of the served model (``LoadedModel.serving``: the engine
+  ``fuse`` built, with the attention maps as outputs of the same graph); overlays
+  are drawn at the size the page shows them (``GALLERY_SIDE``, ``SLIDER_SIDE``) and
+  sent as JPEG.
 - Sessions hold a key (``gr.State``); results live in a bounded ``ResultStore``;
   gradio's cache is cleaned on a schedule.
 - Everything from a model, a file or a visitor is escaped before it is shown
@@ -41,7 +45,7 @@ from . import VARIANTS
 from .errors import first_line
 from .explain import Analysis, Heatmap, MapKind, analyse, find_map, overlay
 from .files import is_image_file
-from .images import BadImageError, ImageLimits, ImageTooLargeError, data_url_bytes, open_image
+from .images import BadImageError, ImageLimits, ImageTooLargeError, data_url_bytes, display_size, open_image
 from .serving import BodyLimit, LoadedModel, ModelKey, ModelStore, ResultStore, fetch_limited, request_limit
 from .weights import pretrained_variants
 
@@ -55,6 +59,9 @@ MAX_MODEL_BYTES = 256 * 2**20
 # Uploads are scaled to at most this many pixels on the long side before anything else,
 # so prediction, class maps and overlays all see the same image.
 WORKING_SIDE = 1024
+# Overlays are drawn at (about) the size they are shown: the gallery is 260 px high, the slider at most 420.
+GALLERY_SIDE = 384
+SLIDER_SIDE = 640
 WORK = "model"  # the concurrency id every event that runs a model or decodes an image shares
 WORK_LIMIT = 2
 MAX_QUEUE = 16
@@ -92,6 +99,7 @@ class Result:
     image: PIL.Image.Image
     analysis: Analysis
     seconds: float
+    engine: str = "PyTorch"
     render_seconds: float = 0.0
     class_maps: tuple[Heatmap, ...] = ()
 
@@ -207,11 +215,17 @@ def fetch_urls_within(component: gr.Image, max_bytes: int) -> gr.Image:
     return component
 
 
+def shown(image: PIL.Image.Image, side: int) -> PIL.Image.Image:
+    """``image`` scaled down to at most ``side`` pixels on its longer side, as the page shows it."""
+    size = display_size(image.size, side)
+    return image if size == image.size else image.resize(size, PIL.Image.BILINEAR)
+
+
 def gallery_items(result: Result, style: Style) -> list[tuple[PIL.Image.Image, str]]:
-    """Overlays of every stage and the combined map (and each block if asked), with captions."""
+    """Overlays of every stage and the combined map (and each block if asked), with captions, at gallery size."""
     maps = [m for m in result.analysis.maps if style.blocks or m.kind is not MapKind.BLOCK]
-    return [(overlay(result.image, m, result.analysis.geometry, style.colormap, style.opacity), caption(m))
-            for m in maps]
+    small = shown(result.image, GALLERY_SIDE)
+    return [(overlay(small, m, result.analysis.geometry, style.colormap, style.opacity), caption(m)) for m in maps]
 
 
 def caption(heatmap: Heatmap) -> str:
@@ -221,15 +235,17 @@ def caption(heatmap: Heatmap) -> str:
 
 
 def slider_value(result: Result, style: Style) -> tuple[PIL.Image.Image, PIL.Image.Image]:
-    """Original and overlay of the class map when one was asked for, else of the combined map."""
+    """Original and overlay of the class map when one was asked for, else of the combined map, at slider size."""
     chosen = find_map(result.class_maps or result.analysis.maps, MapKind.COMBINED)
-    return result.image, overlay(result.image, chosen, result.analysis.geometry, style.colormap, style.opacity)
+    small = shown(result.image, SLIDER_SIDE)
+    return small, overlay(small, chosen, result.analysis.geometry, style.colormap, style.opacity)
 
 
 def timing(result: Result) -> str:
-    """Markdown with the time the prediction and the overlays took."""
+    """Markdown with the time the prediction and the overlays took, and what ran the model."""
     return (f"Time: {1000 * (result.seconds + result.render_seconds):.0f} ms: prediction and attention maps "
-            f"{1000 * result.seconds:.0f} ms, overlays {1000 * result.render_seconds:.0f} ms")
+            f"{1000 * result.seconds:.0f} ms ({markdown_text(result.engine)}), overlays "
+            f"{1000 * result.render_seconds:.0f} ms")
 
 
 def load_for_page(store: ModelStore, key: ModelKey, max_bytes: int | None = None) -> LoadedModel:
@@ -271,10 +287,10 @@ def predict(page: Page, image: dict | None, key: ModelKey, style: Style) -> tupl
     """Top-k labels, overlays and the key of the result kept for this session."""
     picture = read_upload(page, image)
     loaded = page_model(page, key)
+    model = loaded.serving
     start = time.perf_counter()
-    with loaded.lock:
-        analysis = analyse(loaded.fused, picture, k=page.k, blocks=True)
-    result = Result(key, picture, analysis, time.perf_counter() - start)
+    analysis = analyse(model, picture, k=page.k, blocks=True)
+    result = Result(key, picture, analysis, time.perf_counter() - start, getattr(model, "engine", "PyTorch"))
     start = time.perf_counter()
     items = gallery_items(result, style)
     result = replace(result, render_seconds=time.perf_counter() - start)
@@ -378,7 +394,7 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
     official pretrained variants and Hub repo ids, each load to ``MAX_MODEL_BYTES``.
     """
     root = root or Path.cwd()
-    store = ModelStore()
+    store = ModelStore(threads=max(1, (os.cpu_count() or 1) // work_limit))
     start = ModelKey(model) if model else default_key(root / "checkpoints")
     startup = store.get(start)
     start_label = ("Random van_b0 (no bundled model yet)" if start == ModelKey("van_b0") and not model
@@ -421,7 +437,7 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
                 colormap = gr.Dropdown(list(COLORMAPS), value=Style().colormap, label="Colormap")
                 blocks = gr.Checkbox(value=False, label="Also show each block's map")
             with gr.Column(scale=2):
-                compare = gr.ImageSlider(type="pil", max_height=420, elem_id="compare",
+                compare = gr.ImageSlider(type="pil", max_height=420, format="jpeg", elem_id="compare",
                                          label="Original ↔ overlay (combined map, or the class's evidence)")
         with gr.Accordion("Model", open=False):
             picker = gr.Radio(choices, value=DEFAULT_CHOICE, label="Model")

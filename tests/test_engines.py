@@ -1,0 +1,234 @@
+"""fuse() behind an ONNX engine: same outputs as the model, attention maps from the same pass, predict and analyse on
+it, the graph cached on disk by the weights and rebuilt when the file there is wrong, and the fallbacks."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from van_app import capture_attention, fuse, load_model, predict
+from van_app.attention import attention_pass, departure
+from van_app.cache import cache_dir, model_digest
+from van_app.engines import EngineModel, installed_engines
+from van_app.explain import MapKind, analyse, find_map
+from van_app.fold import fold
+from van_app.fuse import fastest
+from van_app.onnx_export import read_metadata
+
+SIZE = 64
+
+
+def _realistic(seed: int = 0, classes: int = 5) -> nn.Module:
+    """A seeded van_micro for ``SIZE`` px inputs with layer scales in [0.01, 0.1] and measured BatchNorm statistics."""
+    torch.manual_seed(seed)
+    model = load_model("van_micro", num_classes=classes)
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, SIZE, SIZE))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layer_scale" in name:
+                param.uniform_(0.01, 0.1)
+        model.train()
+        for _ in range(3):
+            model(torch.randn(4, 3, SIZE, SIZE))
+    return model.eval()
+
+
+def _picture() -> Image.Image:
+    """A non-square picture with a bright disc right of centre."""
+    image = Image.new("RGB", (96, 64), (20, 20, 30))
+    ImageDraw.Draw(image).ellipse((55, 12, 85, 52), fill=(250, 220, 40))
+    return image
+
+
+def _graphs(folder: Path) -> list[Path]:
+    """The exported graphs in the cache folder."""
+    return sorted((folder / "onnx").glob("*.onnx"))
+
+
+@pytest.fixture(scope="module")
+def micro() -> nn.Module:
+    return _realistic()
+
+
+@pytest.fixture(scope="module")
+def served(micro) -> EngineModel:
+    return fuse(micro, engine="onnxruntime", threads=1)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """An empty cache folder for one test."""
+    monkeypatch.setenv("VAN_APP_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_fuse_serves_on_an_onnx_engine_where_one_is_installed(micro):
+    fast = fuse(micro, threads=1)
+    assert isinstance(fast, EngineModel) and fast.engine in installed_engines()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_served_logits_match_the_model_within_1e4(micro, served, batch):
+    x = torch.randn(batch, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        want = micro(x)
+        got = served(x)
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-4
+
+
+def test_another_input_size_gets_its_own_graph(micro, served):
+    x = torch.randn(2, 3, 40, 56)
+    with torch.inference_mode():
+        assert (served(x) - micro(x)).abs().max() <= 1e-4
+
+
+def test_attention_maps_from_the_same_pass_match_capture_attention_on_the_eager_model(micro, served):
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.inference_mode(), capture_attention(micro, detach=True) as captured:
+        want = micro(x)
+        logits, maps = served.forward_with_maps(x)
+    assert (logits - want).abs().max() <= 1e-4
+    assert list(maps) == sorted(captured)
+    for key, attn in captured.items():
+        expected = departure(attn)
+        assert maps[key].shape == expected.shape
+        assert (maps[key] - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_folded_eager_model_gives_the_same_maps_without_hooks(micro):
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        logits, maps = attention_pass(fold(micro), x)
+        want, expected = attention_pass(micro, x)
+    assert (logits - want).abs().max() <= 1e-4
+    assert all((maps[key] - expected[key]).abs().max() <= 1e-4 * expected[key].abs().max() for key in expected)
+
+
+def test_served_model_keeps_the_attributes_predict_needs(micro, served):
+    for name in ("labels", "variant", "pretrained_cfg", "num_classes", "feature_info", "model_args"):
+        assert getattr(served, name) == getattr(micro, name), name
+
+
+def test_predict_and_analyse_work_on_the_served_model(micro, served):
+    image = _picture()
+    plain, fast = predict(micro, image, k=3), predict(served, image, k=3)
+    assert list(fast) == list(plain) and all(abs(fast[label] - plain[label]) <= 1e-4 for label in plain)
+    want, got = analyse(micro, image, blocks=True), analyse(served, image, blocks=True)
+    assert [(m.kind, m.stage, m.block) for m in got.maps] == [(m.kind, m.stage, m.block) for m in want.maps]
+    for expected in want.maps:
+        found = find_map(got.maps, expected.kind, expected.stage, expected.block)
+        np.testing.assert_allclose(found.raw, expected.raw, rtol=1e-3, atol=1e-6 * float(np.abs(expected.raw).max()))
+
+
+def test_openvino_serves_the_same_logits_and_maps(micro):
+    pytest.importorskip("openvino")
+    fast = fuse(micro, engine="openvino", threads=1)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        want, expected = attention_pass(micro, x)
+        logits, maps = fast.forward_with_maps(x)
+        assert (fast(x) - want).abs().max() <= 1e-4
+    assert (logits - want).abs().max() <= 1e-4
+    assert all((maps[key] - expected[key]).abs().max() <= 1e-4 * expected[key].abs().max() for key in expected)
+
+
+def test_the_built_graph_is_cached_and_loaded_without_exporting_again(micro, cache, monkeypatch):
+    fuse(micro, engine="onnxruntime", threads=1)
+    assert len(_graphs(cache)) == 1
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr("van_app.engines.export_onnx", no_export)
+    again = fuse(micro, engine="onnxruntime", threads=1)
+    with torch.inference_mode():
+        x = torch.randn(1, 3, SIZE, SIZE)
+        assert (again(x) - micro(x)).abs().max() <= 1e-4
+
+
+def test_other_weights_get_another_cache_entry(micro, cache):
+    fuse(micro, engine="onnxruntime", threads=1)
+    other = _realistic(seed=1)
+    fuse(other, engine="onnxruntime", threads=1)
+    assert model_digest(other) != model_digest(micro) and len(_graphs(cache)) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "other weights"])
+def test_a_wrong_cache_entry_is_rebuilt_not_trusted(micro, cache, damage):
+    fuse(micro, engine="onnxruntime", threads=1)
+    (entry,) = _graphs(cache)
+    if damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    elif damage == "garbage":
+        entry.write_bytes(os.urandom(4096))
+    else:
+        other = _realistic(seed=1)
+        fuse(other, engine="onnxruntime", threads=1)
+        (foreign,) = [p for p in _graphs(cache) if p != entry]
+        entry.write_bytes(foreign.read_bytes())
+    again = fuse(micro, engine="onnxruntime", threads=1)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        assert (again(x) - micro(x)).abs().max() <= 1e-4
+    assert read_metadata(entry)["cache_key"] == entry.stem
+
+
+def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("VAN_APP_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("VAN_APP_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "van_app"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir() == Path.home() / ".cache" / "van_app"
+
+
+def test_an_engine_that_fails_is_skipped_with_a_warning(micro, cache, monkeypatch):
+    def broken(path, threads):
+        raise RuntimeError("no such instruction set\ndetails")
+
+    monkeypatch.setattr("van_app.engines.RUNNERS", {name: broken for name in installed_engines()})
+    with pytest.warns(RuntimeWarning, match="failed, not used: no such instruction set$"):
+        fast = fuse(micro)
+    assert not isinstance(fast, EngineModel)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        assert (fast(x) - micro(x)).abs().max() <= 1e-4
+
+
+def test_a_forced_engine_that_fails_raises(micro, cache, monkeypatch):
+    monkeypatch.setattr("van_app.engines.RUNNERS", {"onnxruntime": lambda path, threads: 1 / 0})
+    with pytest.raises(ZeroDivisionError):
+        fuse(micro, engine="onnxruntime")
+
+
+def test_a_model_that_is_not_cpu_float32_gets_the_eager_model(micro):
+    fast = fuse(copy.deepcopy(micro).double())
+    assert not isinstance(fast, EngineModel) and next(fast.parameters()).dtype == torch.float64
+
+
+def test_fastest_keeps_the_quickest_model():
+    class Timed:
+        """A stand-in model that takes ``seconds`` per call."""
+
+        input_size = (8, 8)
+
+        def __init__(self, seconds: float) -> None:
+            self.seconds = seconds
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            end = time.perf_counter() + self.seconds
+            while time.perf_counter() < end:
+                pass
+            return x
+
+    slow, quick = Timed(0.004), Timed(0.0005)
+    assert fastest([slow, quick]) is quick

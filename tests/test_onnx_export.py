@@ -1,0 +1,117 @@
+"""export_onnx and van-export-onnx: the file ONNX Runtime loads matches the official implementation within 1e-4, at any
+batch size, carries labels and preprocessing, and returns the page's attention maps when asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from van_app import capture_attention, export_onnx, load_model
+from van_app.attention import departure
+from van_app.cli import export_onnx_main
+from van_app.onnx_export import INPUT, LOGITS, map_outputs, read_metadata, verify_export
+
+FIXTURES = Path(__file__).parent / "fixtures"
+OFFICIAL = FIXTURES / "official_tiny.pth.tar"
+
+
+@pytest.fixture(scope="module")
+def official() -> torch.nn.Module:
+    """The tiny VAN the official implementation made, loaded from its checkpoint."""
+    return load_model(str(OFFICIAL))
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    """The fixed 224 px input and the official implementation's logits for it."""
+    tensors = load_file(FIXTURES / "reference.safetensors")
+    tensors["input"] = tensors["input"].float()
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def exported(official, tmp_path_factory) -> Path:
+    return export_onnx(official, tmp_path_factory.mktemp("onnx") / "official.onnx")
+
+
+@pytest.fixture(scope="module")
+def with_maps(official, tmp_path_factory) -> Path:
+    return export_onnx(official, tmp_path_factory.mktemp("onnx") / "maps.onnx", maps=True)
+
+
+def run(path: Path, x: torch.Tensor, outputs: list[str] | None = None) -> list[np.ndarray]:
+    """The outputs ONNX Runtime computes from the file at ``path`` for ``x``."""
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(outputs, {INPUT: x.numpy()})
+
+
+def test_exported_logits_match_the_official_implementation_within_1e4(exported, reference):
+    (logits,) = run(exported, reference["input"], [LOGITS])
+    assert np.isfinite(logits).all()
+    assert np.abs(logits - reference["official_logits"].numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_batch_size_is_dynamic(official, exported, batch):
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
+    (logits,) = run(exported, x, [LOGITS])
+    with torch.inference_mode():
+        assert np.abs(logits - official(x).numpy()).max() <= 1e-4
+
+
+def test_metadata_holds_labels_and_preprocessing(official, exported):
+    metadata = read_metadata(exported)
+    assert metadata["labels"] == official.labels
+    assert metadata["preprocessing"] == {"input_size": [3, 224, 224], "interpolation": "bicubic",
+                                         "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.9,
+                                         "crop_mode": "center"}
+    assert metadata["model_args"]["depths"] == [1, 2, 1, 1] and metadata["attention_maps"] == []
+    seen_by_onnxruntime = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"]).get_modelmeta()
+    assert set(seen_by_onnxruntime.custom_metadata_map) >= {"labels", "preprocessing", "variant", "format"}
+
+
+def test_attention_maps_match_capture_attention_on_the_eager_model(official, with_maps, reference):
+    x = reference["input"]
+    names = [m.name for m in map_outputs(official)]
+    logits, *maps = run(with_maps, x, [LOGITS, *names])
+    with torch.inference_mode(), capture_attention(official, detach=True) as captured:
+        want = official(x)
+    assert np.abs(logits - want.numpy()).max() <= 1e-4
+    assert [(m.stage, m.block) for m in map_outputs(official)] == sorted(captured)
+    for got, key in zip(maps, sorted(captured)):
+        expected = departure(captured[key]).numpy()
+        assert got.shape == expected.shape == (2, *captured[key].shape[-2:])
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * float(np.abs(expected).max()))
+    assert read_metadata(with_maps)["attention_maps"][1] == {"name": "attention.1.0", "stage": 1, "block": 0,
+                                                             "stride": 8}
+
+
+def test_a_failed_export_leaves_no_file(official, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        Path(args[2]).write_bytes(b"half a graph")
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        export_onnx(official, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_export_reports_the_largest_logit_difference(official, exported):
+    assert verify_export(official, exported) <= 1e-4
+
+
+def test_command_writes_a_checked_file(tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    assert export_onnx_main([str(OFFICIAL), str(out), "--maps"]) == 0
+    assert "ONNX Runtime matches PyTorch within" in capsys.readouterr().out
+    assert len(read_metadata(out)["attention_maps"]) == 5
+
+
+def test_command_refuses_what_is_not_a_model_in_one_line(tmp_path, capsys):
+    assert export_onnx_main([str(tmp_path / "missing"), str(tmp_path / "model.onnx")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "model.onnx").exists()
