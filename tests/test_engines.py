@@ -14,13 +14,13 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from van_app import capture_attention, fuse, load_model, predict
-from van_app.attention import attention_pass, departure
+from van_app import fuse, load_model, predict
+from van_app.attention import attention_pass, block_keys
 from van_app.cache import cache_dir, model_digest
-from van_app.engines import EngineModel, installed_engines
+from van_app import engines
+from van_app.engines import EngineModel, Runner, fastest, installed_engines
 from van_app.explain import MapKind, analyse, find_map
 from van_app.fold import fold
-from van_app.fuse import fastest
 from van_app.onnx_export import read_metadata
 
 SIZE = 64
@@ -70,9 +70,9 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
-def test_fuse_serves_on_an_onnx_engine_where_one_is_installed(micro):
+def test_fuse_serves_on_every_installed_onnx_engine(micro):
     fast = fuse(micro, threads=1)
-    assert isinstance(fast, EngineModel) and fast.engine in installed_engines()
+    assert isinstance(fast, EngineModel) and fast.engines == tuple(installed_engines())
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -90,17 +90,16 @@ def test_another_input_size_gets_its_own_graph(micro, served):
         assert (served(x) - micro(x)).abs().max() <= 1e-4
 
 
-def test_attention_maps_from_the_same_pass_match_capture_attention_on_the_eager_model(micro, served):
+def test_attention_maps_from_the_same_pass_match_the_hooked_eager_model(micro, served):
     x = torch.randn(2, 3, SIZE, SIZE)
-    with torch.inference_mode(), capture_attention(micro, detach=True) as captured:
-        want = micro(x)
+    with torch.inference_mode():
+        want, expected = attention_pass(micro, x)  # the unfused model, read with hooks on each LKA
         logits, maps = served.forward_with_maps(x)
     assert (logits - want).abs().max() <= 1e-4
-    assert list(maps) == sorted(captured)
-    for key, attn in captured.items():
-        expected = departure(attn)
-        assert maps[key].shape == expected.shape
-        assert (maps[key] - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert list(maps) == sorted(expected) == block_keys(micro)
+    for key, map_ in expected.items():
+        assert maps[key].shape == map_.shape == (2, *map_.shape[-2:])
+        assert (maps[key] - map_).abs().max() <= 1e-4 * map_.abs().max()
 
 
 def test_folded_eager_model_gives_the_same_maps_without_hooks(micro):
@@ -147,7 +146,7 @@ def test_the_built_graph_is_cached_and_loaded_without_exporting_again(micro, cac
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
 
-    monkeypatch.setattr("van_app.engines.export_onnx", no_export)
+    monkeypatch.setattr(engines, "export_onnx", no_export)
     again = fuse(micro, engine="onnxruntime", threads=1)
     with torch.inference_mode():
         x = torch.randn(1, 3, SIZE, SIZE)
@@ -191,12 +190,27 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     assert cache_dir() == Path.home() / ".cache" / "van_app"
 
 
-def test_an_engine_that_fails_is_skipped_with_a_warning(micro, cache, monkeypatch):
+def test_an_engine_that_fails_is_left_out_with_a_warning(micro, cache, monkeypatch):
+    pytest.importorskip("openvino")
+
     def broken(path, threads):
         raise RuntimeError("no such instruction set\ndetails")
 
-    monkeypatch.setattr("van_app.engines.RUNNERS", {name: broken for name in installed_engines()})
-    with pytest.warns(RuntimeWarning, match="failed, not used: no such instruction set$"):
+    monkeypatch.setitem(engines.RUNNERS, "openvino", broken)
+    with pytest.warns(RuntimeWarning, match="openvino failed, not used: no such instruction set$"):
+        fast = fuse(micro, threads=1)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    assert fast.runner(False, tuple(x.shape)).engine == "onnxruntime"
+    with torch.inference_mode():
+        assert (fast(x) - micro(x)).abs().max() <= 1e-4
+
+
+def test_when_every_engine_fails_the_eager_model_serves_with_a_warning(micro, cache, monkeypatch):
+    def broken(path, threads):
+        raise RuntimeError("no such instruction set")
+
+    monkeypatch.setattr(engines, "RUNNERS", {name: broken for name in installed_engines()})
+    with pytest.warns(RuntimeWarning, match="failed, using the eager model"):
         fast = fuse(micro)
     assert not isinstance(fast, EngineModel)
     x = torch.randn(1, 3, SIZE, SIZE)
@@ -204,8 +218,35 @@ def test_an_engine_that_fails_is_skipped_with_a_warning(micro, cache, monkeypatc
         assert (fast(x) - micro(x)).abs().max() <= 1e-4
 
 
+def test_each_shape_goes_to_the_engine_measured_fastest_there_and_the_choice_is_kept(micro, cache, monkeypatch):
+    pytest.importorskip("openvino")
+    slow_at = {"onnxruntime": 3, "openvino": 1}  # the batch size each engine is made slow at
+    shipped = dict(engines.RUNNERS)
+
+    def delayed(engine):
+        def make(path, threads):
+            real = shipped[engine](path, threads)
+
+            def run(x):
+                if x.shape[0] == slow_at[engine]:
+                    time.sleep(0.01)
+                return real(x)
+
+            return engines.Runner(engine, run, real.metadata)
+
+        return make
+
+    monkeypatch.setattr(engines, "RUNNERS", {name: delayed(name) for name in ("onnxruntime", "openvino")})
+    fast = EngineModel(micro, ["onnxruntime", "openvino"], threads=1)
+    assert fast.runner(False, (1, 3, SIZE, SIZE)).engine == "onnxruntime"
+    assert fast.runner(False, (3, 3, SIZE, SIZE)).engine == "openvino"
+    monkeypatch.setattr(engines, "fastest", lambda *args, **kwargs: pytest.fail("measured again"))
+    again = EngineModel(micro, ["onnxruntime", "openvino"], threads=1)
+    assert again.runner(False, (3, 3, SIZE, SIZE)).engine == "openvino"
+
+
 def test_a_forced_engine_that_fails_raises(micro, cache, monkeypatch):
-    monkeypatch.setattr("van_app.engines.RUNNERS", {"onnxruntime": lambda path, threads: 1 / 0})
+    monkeypatch.setattr(engines, "RUNNERS", {"onnxruntime": lambda path, threads: 1 / 0})
     with pytest.raises(ZeroDivisionError):
         fuse(micro, engine="onnxruntime")
 
@@ -215,20 +256,15 @@ def test_a_model_that_is_not_cpu_float32_gets_the_eager_model(micro):
     assert not isinstance(fast, EngineModel) and next(fast.parameters()).dtype == torch.float64
 
 
-def test_fastest_keeps_the_quickest_model():
-    class Timed:
-        """A stand-in model that takes ``seconds`` per call."""
-
-        input_size = (8, 8)
-
-        def __init__(self, seconds: float) -> None:
-            self.seconds = seconds
-
-        def __call__(self, x: torch.Tensor) -> torch.Tensor:
-            end = time.perf_counter() + self.seconds
+def test_fastest_keeps_the_quickest_runner():
+    def taking(seconds: float, name: str) -> Runner:
+        def run(x: np.ndarray) -> list[np.ndarray]:
+            end = time.perf_counter() + seconds
             while time.perf_counter() < end:
                 pass
-            return x
+            return [x]
 
-    slow, quick = Timed(0.004), Timed(0.0005)
-    assert fastest([slow, quick]) is quick
+        return Runner(name, run, {})
+
+    slow, quick = taking(0.004, "slow"), taking(0.0005, "quick")
+    assert fastest([slow, quick], np.zeros(1)) is quick

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from van_app import capture_attention, export_onnx, load_model
-from van_app.attention import departure
+from van_app import export_onnx, load_model
+from van_app.attention import attention_pass
 from van_app.cli import export_onnx_main
 from van_app.onnx_export import INPUT, LOGITS, map_outputs, read_metadata, verify_export
 
@@ -74,18 +74,17 @@ def test_metadata_holds_labels_and_preprocessing(official, exported):
     assert set(seen_by_onnxruntime.custom_metadata_map) >= {"labels", "preprocessing", "variant", "format"}
 
 
-def test_attention_maps_match_capture_attention_on_the_eager_model(official, with_maps, reference):
+def test_attention_maps_match_the_hooked_eager_model(official, with_maps, reference):
     x = reference["input"]
     names = [m.name for m in map_outputs(official)]
     logits, *maps = run(with_maps, x, [LOGITS, *names])
-    with torch.inference_mode(), capture_attention(official, detach=True) as captured:
-        want = official(x)
+    with torch.inference_mode():
+        want, expected = attention_pass(official, x)  # the unfused model, read with hooks on each LKA
     assert np.abs(logits - want.numpy()).max() <= 1e-4
-    assert [(m.stage, m.block) for m in map_outputs(official)] == sorted(captured)
-    for got, key in zip(maps, sorted(captured)):
-        expected = departure(captured[key]).numpy()
-        assert got.shape == expected.shape == (2, *captured[key].shape[-2:])
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * float(np.abs(expected).max()))
+    assert [(m.stage, m.block) for m in map_outputs(official)] == list(expected)
+    for got, map_ in zip(maps, expected.values()):
+        assert got.shape == map_.shape == (2, *map_.shape[-2:])
+        np.testing.assert_allclose(got, map_.numpy(), rtol=1e-4, atol=1e-6 * float(map_.abs().max()))
     assert read_metadata(with_maps)["attention_maps"][1] == {"name": "attention.1.0", "stage": 1, "block": 0,
                                                              "stride": 8}
 

@@ -13,17 +13,28 @@ every load, fresh or cached, checks the key and runs the engine on the probe bef
 the graph serves, and a cached file that fails either check is written again. The
 model keeps a private folded copy of the weights it was made from, so later changes
 to the original never mix with graphs already built.
+
+Neither engine wins everywhere (on a 2-core AMD EPYC, OpenVINO was a few per cent
+faster at batch 1, ONNX Runtime up to 9% faster at batch 8): with both installed, each
+input shape goes to the one measured fastest for it on this machine, once (``fastest``;
+the choice is kept in the cache beside the graphs).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import os
+import platform
 import threading
-from collections.abc import Callable
+import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -32,6 +43,8 @@ from torch import nn
 
 from .attention import Maps, attention_pass, block_keys
 from .cache import entry_path, load_or_build, model_digest
+from .errors import first_line
+from .files import write_json
 from .fold import fold
 from .onnx_export import FORMAT, INPUT, OPSET, export_onnx
 from .predict import data_config
@@ -48,8 +61,9 @@ PROBE_SEED = 0  # the random input every graph is checked on
 
 @dataclass(frozen=True)
 class Runner:
-    """An engine running one ONNX file: called on an input array it returns every output; and the file's metadata."""
+    """One engine running one ONNX file: called on an input array it returns every output; and the file's metadata."""
 
+    engine: str
     run: Callable[[np.ndarray], list[np.ndarray]]
     metadata: dict[str, str]
 
@@ -72,13 +86,16 @@ def onnxruntime_runner(path: Path, threads: int) -> Runner:
     options.log_severity_level = 3  # no warnings about unused initializers and the like on stderr
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     # one session serves concurrent calls
-    return Runner(lambda x: session.run(None, {INPUT: x}), dict(session.get_modelmeta().custom_metadata_map))
+    return Runner("onnxruntime", lambda x: session.run(None, {INPUT: x}),
+                  dict(session.get_modelmeta().custom_metadata_map))
 
 
 def openvino_runner(path: Path, threads: int) -> Runner:
-    """An OpenVINO CPU model (``threads`` threads, latency hint, f32) running the graph at ``path``.
+    """OpenVINO on the CPU (``threads`` threads, latency hint, f32) running the graph at ``path``.
 
-    An infer request serves one call at a time: concurrent calls take one each from a pool.
+    The graph is compiled for each input shape on its first call: OpenVINO runs a static
+    batch size faster than a dynamic one (about 6% for van_b0). An infer request serves
+    one call at a time, so concurrent calls each take one from a pool.
     """
     import openvino as ov
 
@@ -86,23 +103,57 @@ def openvino_runner(path: Path, threads: int) -> Runner:
     graph = core.read_model(str(path))
     framework = graph.get_rt_info()["framework"] if "framework" in graph.get_rt_info() else {}
     metadata = {key: framework[key].astype(str) for key in framework.keys()} if framework else {}
-    compiled = core.compile_model(graph, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                                                 "INFERENCE_PRECISION_HINT": "f32"})
-    idle: list = []
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    compiled: dict[tuple[int, ...], tuple[Any, list]] = {}
+    compiling = threading.Lock()
 
     def run(x: np.ndarray) -> list[np.ndarray]:
-        request = idle.pop() if idle else compiled.create_infer_request()
+        if x.shape not in compiled:
+            with compiling:
+                if x.shape not in compiled:
+                    shaped = graph.clone()
+                    shaped.reshape({shaped.input(0).get_any_name(): list(x.shape)})
+                    compiled[x.shape] = (core.compile_model(shaped, "CPU", config), [])
+        model, idle = compiled[x.shape]
+        request = idle.pop() if idle else model.create_infer_request()
         try:
             results = request.infer({0: x})
             # the request reuses its output buffers on the next call
-            return [np.array(results[output]) for output in compiled.outputs]
+            return [np.array(results[output]) for output in model.outputs]
         finally:
             idle.append(request)
 
-    return Runner(run, metadata)
+    return Runner("openvino", run, metadata)
 
 
 RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
+
+
+def fastest(runners: list[Runner], x: np.ndarray, rounds: int = 3, round_seconds: float = 0.05) -> Runner:
+    """The runner of ``runners`` whose best round on ``x`` is quickest: rounds interleaved, each of enough calls to
+    last about ``round_seconds``, after a first untimed call each (which compiles where an engine compiles)."""
+    calls = []
+    for runner in runners:
+        runner(x)
+        start = time.perf_counter()
+        runner(x)
+        calls.append(max(1, round(round_seconds / max(time.perf_counter() - start, 1e-6))))
+    best = [float("inf")] * len(runners)
+    for _ in range(rounds):
+        for i, runner in enumerate(runners):
+            start = time.perf_counter()
+            for _ in range(calls[i]):
+                runner(x)
+            best[i] = min(best[i], (time.perf_counter() - start) / calls[i])
+    return runners[best.index(min(best))]
+
+
+def _machine() -> str:
+    """This machine's processor and core count, for keying what was measured on it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    return f"{platform.machine()} {names[0] if names else platform.processor()} x{os.cpu_count()}"
 
 
 def _summary(outputs: list[torch.Tensor]) -> dict[str, list[float]]:
@@ -124,12 +175,17 @@ def _matches(got: dict[str, list[float]], want: dict[str, list[float]]) -> bool:
 
 
 class EngineModel:
-    """A VAN run by ONNX Runtime or OpenVINO: called on a (B, 3, H, W) batch it returns the (B, classes) logits."""
+    """A VAN run by ONNX engines: called on a (B, 3, H, W) batch it returns the (B, classes) logits.
 
-    def __init__(self, model: nn.Module, engine: str, threads: int) -> None:
-        if engine not in RUNNERS:
-            raise ValueError(f"unknown engine {engine!r}: one of {', '.join(RUNNERS)}")
-        self.engine = engine
+    With several ``engines``, each input shape goes to the one that ran it fastest here
+    (``fastest``, measured on the first call of that shape and remembered in the cache).
+    """
+
+    def __init__(self, model: nn.Module, engines: Sequence[str], threads: int) -> None:
+        unknown = [name for name in engines if name not in RUNNERS]
+        if unknown or not engines:
+            raise ValueError(f"engines must be some of {', '.join(RUNNERS)}, got {list(engines)}")
+        self.engines = tuple(engines)
         self.threads = threads
         # A private folded copy: what the graphs are exported from and checked against.
         self._source = fold(model, channels_last=False, prepad=False).to("cpu", torch.float32)
@@ -137,11 +193,17 @@ class EngineModel:
             setattr(self, name, getattr(self._source, name, None))
         self._digest = model_digest(self._source)
         self._keys = block_keys(self._source)
-        self._runners: dict[tuple[bool, int, int], Runner] = {}
+        self._graphs: dict[tuple[bool, int, int], list[Runner]] = {}
+        self._chosen: dict[tuple[bool, tuple[int, ...]], Runner] = {}
         self._building = threading.Lock()
 
     def __repr__(self) -> str:
         return f"EngineModel({self.variant or 'VAN'} on {self.engine}, {self.threads} thread(s))"
+
+    @property
+    def engine(self) -> str:
+        """The engines that may run this model ("onnxruntime", or "onnxruntime/openvino")."""
+        return "/".join(self.engines)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -157,28 +219,64 @@ class EngineModel:
         logits, *maps = self._run(batch, maps=True)
         return logits, dict(zip(self._keys, maps))
 
-    def warm_up(self, maps: bool = True, size: tuple[int, int] | None = None) -> None:
-        """Build (or load) and check the graph for ``size`` (default: the preprocessing's), with or without maps."""
-        self.runner(maps, size or self.input_size)
+    def warm_up(self, maps: bool = True, shape: Sequence[int] | None = None) -> None:
+        """Build (or load), check and choose the engine for input ``shape`` (default: one image of the
+        preprocessing's size), with or without maps."""
+        self.runner(maps, tuple(shape or (1, 3, *self.input_size)))
 
     def _run(self, batch: torch.Tensor, maps: bool) -> list[torch.Tensor]:
-        """Every output of the graph for ``batch``'s size, as tensors."""
+        """Every output of the graph for ``batch``'s shape, as tensors."""
         if batch.dim() != 4:
             raise ValueError(f"expected a (batch, 3, height, width) tensor, got shape {tuple(batch.shape)}")
         x = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-        return [torch.from_numpy(out) for out in self.runner(maps, tuple(batch.shape[-2:]))(x)]
+        return [torch.from_numpy(out) for out in self.runner(maps, x.shape)(x)]
 
-    def runner(self, maps: bool, size: tuple[int, int]) -> Runner:
-        """The engine running the graph for input ``size`` (with maps or not), built or loaded on first use."""
-        key = (maps, *size)
-        if key not in self._runners:
+    def runner(self, maps: bool, shape: tuple[int, ...]) -> Runner:
+        """The engine that runs input ``shape`` (with maps or not): graph built or loaded, checked and the engine
+        chosen on first use."""
+        key = (maps, tuple(shape))
+        if key not in self._chosen:
             with self._building:
-                if key not in self._runners:
-                    path = entry_path("onnx", self._digest, FORMAT, OPSET, torch.__version__, onnx.__version__,
-                                      maps, *size, suffix=".onnx")
-                    self._runners[key] = load_or_build(path, partial(self._export, key=path.stem, maps=maps, size=size),
-                                                       partial(self._load, maps=maps, size=size))
-        return self._runners[key]
+                if key not in self._chosen:
+                    self._chosen[key] = self._choose(self._graph(maps, tuple(shape[-2:])), key[1])
+        return self._chosen[key]
+
+    def _graph(self, maps: bool, size: tuple[int, int]) -> list[Runner]:
+        """Every engine that runs the checked graph for input ``size``; an engine that fails is left out, with a
+        warning, unless it is the only one."""
+        if (maps, *size) not in self._graphs:
+            path = entry_path("onnx", self._digest, FORMAT, OPSET, torch.__version__, onnx.__version__, maps, *size,
+                              suffix=".onnx")
+            runners = []
+            for engine in self.engines:
+                try:
+                    runners.append(load_or_build(path, partial(self._export, key=path.stem, maps=maps, size=size),
+                                                 partial(self._load, engine=engine, size=size)))
+                except Exception as failure:  # noqa: BLE001 - whatever one engine raises, the others still serve
+                    if len(self.engines) == 1:
+                        raise
+                    warnings.warn(f"{engine} failed, not used: {first_line(failure)}", RuntimeWarning, stacklevel=2)
+            if not runners:
+                raise RuntimeError(f"none of {self.engine} could run the graph")
+            self._graphs[(maps, *size)] = runners
+        return self._graphs[(maps, *size)]
+
+    def _choose(self, runners: list[Runner], shape: tuple[int, ...]) -> Runner:
+        """The runner for ``shape``: the only one, the one measured fastest here before, or the fastest now."""
+        if len(runners) == 1:
+            return runners[0]
+        versions = [f"{r.engine} {importlib.import_module(r.engine).__version__}" for r in runners]
+        record = entry_path("choice", runners[0].metadata.get("cache_key"), shape, self.threads, versions, _machine(),
+                            suffix=".json")
+        by_engine = {runner.engine: runner for runner in runners}
+        try:
+            return by_engine[json.loads(record.read_text())["engine"]]
+        except (OSError, ValueError, KeyError, TypeError):  # none recorded yet, or not readable: measure
+            pass
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(PROBE_SEED)).numpy()
+        chosen = fastest(runners, x)
+        write_json(record, {"engine": chosen.engine, "shape": list(shape), "threads": self.threads})
+        return chosen
 
     def _probe(self, size: tuple[int, int]) -> torch.Tensor:
         """The fixed random batch of one that every graph for ``size`` is checked on."""
@@ -196,10 +294,10 @@ class EngineModel:
         export_onnx(self._source, path, maps=maps, size=size,
                     metadata={"cache_key": key, "expected": json.dumps(_summary(outputs))})
 
-    def _load(self, path: Path, maps: bool, size: tuple[int, int]) -> Runner:
-        """The engine on the file at ``path`` once the file is the one its name says and reproduces the outputs
+    def _load(self, path: Path, engine: str, size: tuple[int, int]) -> Runner:
+        """``engine`` on the file at ``path`` once the file is the one its name says and reproduces the outputs
         recorded in it; ``ValueError`` otherwise."""
-        run = RUNNERS[self.engine](path, self.threads)
+        run = RUNNERS[engine](path, self.threads)
         if run.metadata.get("cache_key") != path.stem:
             raise ValueError("it was written for another model")
         got = _summary([torch.from_numpy(out) for out in run(self._probe(size).numpy())])

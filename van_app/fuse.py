@@ -10,12 +10,11 @@
 - ``"eager"``: ``fold.fold``, the folded VAN in eager PyTorch (channels-last), where
   hooks (``capture_attention``) and gradients still work.
 
-``engine="auto"`` (the default) measures rather than assumes: on a CPU float32 model
-it builds every installed engine and keeps the fastest on this machine (interleaved
-timing at batch 1); a model on another device or dtype, or a machine without an
-engine, gets the eager model. Measured on a 2-core AMD EPYC (Zen 4), ONNX Runtime was
-1.4-3.5x faster than the eager folded model and 2-13% faster than OpenVINO at batch 1
-and 8, 1 and 2 threads, for van_b0 and van_b2 (``benchmarks/inference.py``).
+``engine="auto"`` (the default) measures rather than assumes: a CPU float32 model gets
+an ``EngineModel`` over every installed engine, which sends each input shape to the
+engine measured fastest for it on this machine; a model on another device or dtype, or
+a machine without an engine (or whose engines all fail, with a warning), gets the eager
+model. ``benchmarks/inference.py`` sets them all side by side with the official model.
 
 ``compile_for_inference`` is the inductor path for the eager model (kept for GPUs and
 for measuring): it compiles with weight freezing and warms up, falling back to the
@@ -25,7 +24,6 @@ eager model with a warning when no compiler works.
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 from collections.abc import Sequence
 
@@ -55,40 +53,21 @@ def fuse(model: nn.Module, *, engine: str = "auto", threads: int | None = None,
         return fold(model, channels_last=channels_last)
     threads = threads or torch.get_num_threads()
     if engine != "auto":
-        built = EngineModel(model, engine, threads)
-        built.warm_up(maps=False)
-        return built
+        forced = EngineModel(model, [engine], threads)
+        forced.warm_up(maps=False)
+        return forced
     param = next(model.parameters())
-    if param.device.type != "cpu" or param.dtype != torch.float32:
+    engines = installed_engines()
+    if param.device.type != "cpu" or param.dtype != torch.float32 or not engines:
         return fold(model, channels_last=channels_last)
-    candidates = []
-    for name in installed_engines():
-        try:
-            candidate = EngineModel(model, name, threads)
-            candidate.warm_up(maps=False)
-            candidates.append(candidate)
-        except Exception as failure:  # noqa: BLE001 - whatever an engine raises, the others (or eager) still work
-            warnings.warn(f"{name} failed, not used: {first_line(failure)}", RuntimeWarning, stacklevel=2)
-    if not candidates:
+    try:
+        served = EngineModel(model, engines, threads)
+        served.warm_up(maps=False)
+        return served
+    except Exception as failure:  # noqa: BLE001 - whatever the engines raise, the eager model still works
+        warnings.warn(f"{'/'.join(engines)} failed, using the eager model: {first_line(failure)}", RuntimeWarning,
+                      stacklevel=2)
         return fold(model, channels_last=channels_last)
-    return fastest(candidates) if len(candidates) > 1 else candidates[0]
-
-
-def fastest(models: Sequence[EngineModel], rounds: int = 3, calls: int = 3) -> EngineModel:
-    """The model of ``models`` whose best round of ``calls`` batch-1 calls is quickest (rounds interleaved)."""
-    size = models[0].input_size
-    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
-    best = [float("inf")] * len(models)
-    with torch.inference_mode():
-        for model in models:
-            model(x)
-        for _ in range(rounds):
-            for i, model in enumerate(models):
-                start = time.perf_counter()
-                for _ in range(calls):
-                    model(x)
-                best[i] = min(best[i], time.perf_counter() - start)
-    return models[best.index(min(best))]
 
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:
