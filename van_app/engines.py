@@ -205,6 +205,10 @@ class EngineModel:
         """The engines that may run this model ("onnxruntime", or "onnxruntime/openvino")."""
         return "/".join(self.engines)
 
+    def engine_for(self, shape: Sequence[int], maps: bool = False) -> str:
+        """The engine that runs input ``shape`` (chosen, and its graph built, if it was not yet)."""
+        return self.runner(maps, tuple(shape)).engine
+
     @property
     def input_size(self) -> tuple[int, int]:
         """The (height, width) the model's preprocessing makes."""

@@ -75,6 +75,13 @@ class LoadedModel:
         return self.fast if self.fast is not None else self.eager
 
 
+def engine_name(model: nn.Module | EngineModel) -> str:
+    """What runs ``model``'s predictions of one image with attention maps: an ONNX engine's name, or "PyTorch"."""
+    if isinstance(model, EngineModel):
+        return model.engine_for((1, 3, *model.input_size), maps=True)
+    return "PyTorch"
+
+
 class ModelStore:
     """Models loaded once per process and shared by every session (least recently used dropped past ``maxsize``).
 

@@ -46,7 +46,8 @@ from .errors import first_line
 from .explain import Analysis, Heatmap, MapKind, analyse, find_map, overlay
 from .files import is_image_file
 from .images import BadImageError, ImageLimits, ImageTooLargeError, data_url_bytes, display_size, open_image
-from .serving import BodyLimit, LoadedModel, ModelKey, ModelStore, ResultStore, fetch_limited, request_limit
+from .serving import (BodyLimit, LoadedModel, ModelKey, ModelStore, ResultStore, engine_name, fetch_limited,
+                      request_limit)
 from .weights import pretrained_variants
 
 logger = logging.getLogger(__name__)
@@ -290,7 +291,7 @@ def predict(page: Page, image: dict | None, key: ModelKey, style: Style) -> tupl
     model = loaded.serving
     start = time.perf_counter()
     analysis = analyse(model, picture, k=page.k, blocks=True)
-    result = Result(key, picture, analysis, time.perf_counter() - start, getattr(model, "engine", "PyTorch"))
+    result = Result(key, picture, analysis, time.perf_counter() - start, engine_name(model))
     start = time.perf_counter()
     items = gallery_items(result, style)
     result = replace(result, render_seconds=time.perf_counter() - start)
