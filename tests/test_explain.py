@@ -1,15 +1,20 @@
-"""Heatmaps from LKA attention: shapes, ranges, flags, alignment with the original image, class maps."""
+"""Heatmaps from LKA attention: shapes, ranges, flags, absolute scale, alignment with the original image, class maps."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
 from PIL import Image, ImageDraw
+from sklearn.datasets import load_sample_images
 
 from van_app import fuse, load_model, predict, preprocess
+from van_app.attention import capture_gated, reference
 from van_app.explain import (
+    FULL_SCALE,
     ClassMapCache,
     Heatmap,
     MapKind,
@@ -22,7 +27,11 @@ from van_app.explain import (
     render,
     stage_maps,
 )
-from van_app.model import capture_attention, lka_modules
+from van_app.localization import border_share
+from van_app.model import lka_modules
+from van_app.synthetic import SHAPES, generate
+
+BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints" / "van-b0-shapes"
 
 
 def _tiny(size: int = 64) -> torch.nn.Module:
@@ -43,6 +52,11 @@ def _off_centre(size: tuple[int, int] = (96, 48)) -> Image.Image:
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     return _tiny()
+
+
+@pytest.fixture(scope="module")
+def bundled() -> torch.nn.Module:
+    return load_model(BUNDLED)
 
 
 def test_analyse_returns_one_map_per_stage_plus_combined(model):
@@ -90,17 +104,93 @@ def test_display_maps_are_in_unit_range_and_stage_maps_non_negative(model):
     assert all(m.raw.min() >= 0 for m in analysis.maps)
 
 
-def test_stage_map_is_the_blocks_mean_squared_departure_from_each_channels_mean(model):
+def test_stage_map_is_the_gated_signals_departure_from_its_references_over_the_images_power(model):
     image = _off_centre()
-    with torch.inference_mode(), capture_attention(model, detach=True) as captured:
-        model(preprocess(model, image))
-    expected = []
-    for stage in range(4):
-        attns = [a[0].double() for (s, _), a in sorted(captured.items()) if s == stage]
-        expected.append(np.mean([((a - a.mean((1, 2), keepdim=True)) ** 2).mean(0).numpy() for a in attns], 0))
+    x = preprocess(model, image)
+    with torch.inference_mode(), capture_gated(model) as gated:
+        model(x)
+        ours = dict(gated)
+        model(x.mean((2, 3), keepdim=True).expand_as(x))
     maps = analyse(model, image).maps
-    for stage, want in enumerate(expected):
+    for stage in range(4):
+        keys = [key for key in sorted(ours) if key[0] == stage]
+        d = [(ours[k][0] - gated[k][0]).double() for k in keys]
+        power = np.mean([float(ours[k][0].double().square().mean()) for k in keys])
+        want = np.mean([((t - t.mean((1, 2), keepdim=True)) ** 2).mean(0).numpy() for t in d], 0) / power
         np.testing.assert_allclose(find_map(maps, MapKind.STAGE, stage).raw, want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("colour", [(0, 0, 0), (255, 255, 255), (128, 128, 128), (200, 30, 40)])
+def test_a_blank_image_of_any_colour_gets_only_flagged_maps(model, colour):
+    blank = Image.new("RGB", (80, 60), colour)
+    maps = analyse(model, blank, blocks=True).maps + class_maps(model, blank, 1)
+    assert all(m.constant and not m.display.any() for m in maps)
+
+
+@pytest.mark.parametrize("photo", [0, 1], ids=["china", "flower"])
+def test_shown_maps_of_a_natural_photo_hold_no_more_than_their_area_in_the_border_band(bundled, photo):
+    image = Image.fromarray(load_sample_images().images[photo])
+    analysis = analyse(bundled, image)
+    evidence = find_map(class_maps(bundled, image, bundled.labels.index(next(iter(analysis.top)))), MapKind.COMBINED)
+    for heatmap in [*analysis.maps, evidence]:
+        share, area = border_share(render(heatmap, analysis.geometry)[0])
+        assert not heatmap.constant and share <= area, heatmap.title
+
+
+@pytest.mark.parametrize("colour", [(128, 128, 128), (250, 250, 250), (20, 20, 20)])
+def test_a_near_blank_photo_has_no_more_structure_than_a_blank_one(bundled, colour):
+    grain = np.random.default_rng(0).uniform(-3, 3, (90, 120, 3))
+    image = Image.fromarray(np.clip(np.array(colour) + grain, 0, 255).astype(np.uint8))
+    maps = analyse(bundled, image, blocks=True).maps + class_maps(bundled, image, 0)
+    assert all(m.constant for m in maps)
+
+
+def _logit_with_stage_one_cells_ablated(model: torch.nn.Module, image: Image.Image, cells: torch.Tensor,
+                                         index: int) -> float:
+    """The logit of ``index`` with stage 1's gated LKA signal replaced by the reference's at ``cells``."""
+    x = preprocess(model, image)
+    with torch.inference_mode(), capture_gated(model) as blank:
+        model(reference(x))
+    handles = [model.stages[0].blocks[b].attn.lka.register_forward_hook(
+        lambda _m, _a, out, b=b: torch.where(cells, blank[(0, b)], out)) for b in range(len(model.stages[0].blocks))]
+    try:
+        with torch.inference_mode():
+            return float(model(x)[0, index])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_ablating_the_attention_at_the_class_maps_top_cells_hurts_more_than_at_its_bottom_cells(bundled):
+    drops = []
+    for shape in SHAPES:
+        image = Image.fromarray(generate(shape, 0, 96, seed=211).image)
+        index = bundled.labels.index(shape)
+        raw = torch.from_numpy(find_map(class_maps(bundled, image, index), MapKind.STAGE, 0).raw)
+        order = raw.flatten().argsort(descending=True)
+        k = order.numel() // 4
+        top, bottom = (torch.zeros(raw.numel(), dtype=torch.bool).index_fill(0, part, True).view(1, 1, *raw.shape)
+                       for part in (order[:k], order[-k:]))
+        drops.append(_logit_with_stage_one_cells_ablated(bundled, image, bottom, index)
+                     - _logit_with_stage_one_cells_ablated(bundled, image, top, index))
+    assert all(d > 0 for d in drops)
+
+
+def test_display_keeps_the_zero_of_the_blank_image_instead_of_stretching_min_to_max():
+    raw = np.array([[1.0, 1.5], [2.0, 4.0]])
+    display, constant = normalise(raw)
+    assert not constant and display.min() == pytest.approx(0.25)  # min-max would have made it 0
+
+
+def test_a_faint_class_agnostic_map_is_drawn_faint():
+    weak = np.array([[0.0, 0.5], [1.0, 0.2]]) * FULL_SCALE / 2
+    stage = find_map(stage_maps({(0, 0): torch.zeros(1, 1, 2, 2)}, [4]), MapKind.STAGE, 0)  # flat: flagged
+    display, constant = normalise(weak, 0.1, FULL_SCALE)
+    assert stage.constant and not constant and display.max() == pytest.approx(0.5)
+
+
+def test_a_map_below_the_structure_floor_is_flagged():
+    assert normalise(np.array([[0.0, 0.05], [0.01, 0.02]]), 0.1, FULL_SCALE)[1]
 
 
 def test_channel_offsets_do_not_move_the_stage_map():
@@ -140,7 +230,7 @@ def test_constant_and_non_finite_maps_display_as_zeros():
 
 
 def test_class_map_without_positive_evidence_is_flagged():
-    display, constant = normalise(-np.arange(16.0).reshape(4, 4), positive=True)
+    display, constant = normalise(-np.arange(16.0).reshape(4, 4))
     assert constant and not display.any()
 
 
@@ -225,16 +315,31 @@ def test_class_maps_differ_per_class(model):
     assert all(0.0 <= m.display.min() and m.display.max() <= 1.0 for m in first)
 
 
-def test_class_maps_remove_hooks_and_leave_no_gradients(model):
+def test_class_maps_leave_no_hooks_and_no_gradients(model):
     class_maps(model, _off_centre(), 2)
-    assert all(not lka.conv1._forward_hooks for _, lka in lka_modules(model))
+    assert all(not lka._forward_hooks and not lka.conv1._forward_hooks for _, lka in lka_modules(model))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_class_maps_on_the_folded_model_match_the_unfused_model(model):
+    cache = ClassMapCache(model)
+    unfused, folded = class_maps(model, _off_centre(), 2), cache(_off_centre(), 2)
+    for a, b in zip(unfused, folded):
+        np.testing.assert_allclose(a.raw, b.raw, rtol=1e-3, atol=1e-4 * float(np.abs(a.raw).max()))
 
 
 def test_class_maps_work_inside_inference_mode(model):
     with torch.inference_mode():
         maps = class_maps(model, _off_centre(), 1)
     assert np.isfinite(find_map(maps, MapKind.COMBINED).raw).all()
+
+
+def test_class_map_of_an_image_and_its_reference_mean_colour_differ_only_by_the_picture(model):
+    image = _off_centre()
+    x = preprocess(model, image)
+    flat = Image.fromarray(np.uint8(np.clip(np.asarray(image).reshape(-1, 3).mean(0), 0, 255)).reshape(1, 1, 3))
+    assert torch.allclose(reference(x)[0, :, 0, 0], x[0].mean((1, 2)))
+    assert all(m.constant for m in class_maps(model, flat.resize(image.size), 1))
 
 
 def test_class_map_cache_returns_the_stored_maps(model):

@@ -8,13 +8,17 @@ from van_app.localization import (
     area_share,
     blurred,
     bootstrap_ci,
+    border_share,
     deletion_insertion,
+    dilated,
+    impute,
     lift,
     mass_in_mask,
     paired_comparison,
     pointing_game,
     rank_correlation,
     removal_order,
+    road,
 )
 
 
@@ -47,6 +51,34 @@ def test_pointing_game_single_peak_outside_scores_zero(mask):
     saliency = mask.astype(float)
     saliency[7, 7] = 2.0
     assert pointing_game(saliency, mask) == 0.0
+
+
+def test_pointing_game_tolerance_counts_a_peak_near_the_mask(mask):
+    saliency = np.zeros(mask.shape)
+    saliency[6, 4] = 1.0  # three rows below the mask's last row
+    assert pointing_game(saliency, mask) == 0.0
+    assert pointing_game(saliency, mask, tolerance=2.9) == 0.0
+    assert pointing_game(saliency, mask, tolerance=3.0) == 1.0
+
+
+def test_dilation_grows_the_mask_by_a_disk():
+    point = np.zeros((7, 7), bool)
+    point[3, 3] = True
+    grown = dilated(point, 1.5)
+    assert grown.sum() == 9 and grown[2, 2] and not grown[1, 3]
+    assert np.array_equal(dilated(point, 0.5), point)
+
+
+def test_border_share_of_a_uniform_map_is_the_bands_area():
+    share, area = border_share(np.ones((50, 40)), fraction=0.1)
+    assert share == pytest.approx(area) and area == pytest.approx(1 - 42 * 32 / 2000)  # a band 4 px wide
+
+
+def test_a_map_lighting_the_frame_holds_more_than_its_area():
+    framed = np.ones((50, 50))
+    framed[4:-4, 4:-4] = 0.2
+    share, area = border_share(framed, fraction=0.08)
+    assert share > area
 
 
 def test_mass_in_mask_ignores_negative_values(mask):
@@ -143,3 +175,30 @@ def test_rank_correlation_averages_ties():
 
 def test_rank_correlation_of_a_constant_map_is_nan():
     assert np.isnan(rank_correlation(np.ones(4), np.arange(4.0)))
+
+
+def test_imputation_fills_a_hole_in_a_linear_ramp_exactly_and_keeps_known_pixels():
+    yy, xx = torch.meshgrid(torch.arange(20.0), torch.arange(24.0), indexing="ij")
+    image = torch.stack([xx / 24, yy / 20, (xx + yy) / 44])[None]
+    removed = torch.zeros(1, 20, 24, dtype=torch.bool)
+    removed[0, 5:15, 6:18] = True
+    filled = impute(image, removed, noise=0.0, tol=1e-6)
+    assert torch.allclose(filled, image, atol=1e-4)
+    assert torch.equal(impute(image, removed, noise=0.5)[0][:, ~removed[0]], image[0][:, ~removed[0]])
+
+
+def test_imputation_adds_noise_of_the_given_spread_to_removed_pixels_only():
+    image = torch.full((1, 3, 32, 32), 0.5)
+    removed = torch.zeros(1, 32, 32, dtype=torch.bool)
+    removed[0, 8:24, 8:24] = True
+    filled = impute(image, removed, noise=0.1)
+    assert float((filled[0][:, removed[0]] - 0.5).std()) == pytest.approx(0.1, rel=0.1)
+
+
+def test_road_ranks_a_perfect_map_above_its_inverse(mask):
+    image = torch.from_numpy(mask).float().expand(3, -1, -1)
+    probs = _object_share(torch.from_numpy(mask).float())
+    good = road(probs, image, mask.astype(float), target=0, noise=0.0)
+    bad = road(probs, image, (~mask).astype(float), target=0, noise=0.0)
+    assert good.score > 0 > bad.score
+    assert good.morf[0] < good.lerf[0]

@@ -1,34 +1,38 @@
 """Heatmaps from Large Kernel Attention: where a VAN looks, and the evidence for one class.
 
-Every map starts from the tensors ``capture_attention`` records: ``attn``, the output
-of ``lka.conv1`` in each block, shape (C, h, w) on the stage's grid, which gates the
-LKA input ``u`` (``lka(u) = u * attn``). A stage with reduction ``r`` (4, 8, 16, 32)
-has its cell (i, j) centred on model-input pixel (r*i, r*j): every patch embedding
-is an odd kernel padded by half its width, so receptive fields are centred there.
+LKA passes on ``u * attn``, its input gated by its attention, so every map scores that
+gated signal ``g`` (not ``attn`` alone), and only the part of it the image puts there:
+each image is compared with its *reference*, the blank image of its own mean colour,
+whose gated signal ``g0`` carries the network's position-dependent response (zero
+padding at the frame's edges, stride patterns) and nothing of the picture. A stage
+with reduction ``r`` (4, 8, 16, 32) has its cell (i, j) centred on model-input pixel
+(r*i, r*j): every patch embedding is an odd kernel padded by half its width.
 
-- Block map (class-agnostic): where the attention departs from its usual gate, the
-  squared difference between ``attn_c`` and its spatial mean, averaged over channels:
-  ``mean_c (attn_c - mean_hw attn_c)^2`` (``attention.departure``). Each channel's
-  constant offset (which dominates a plain channel mean and has no meaningful sign)
-  drops out; what is left is where the block gates its input unlike everywhere else.
-  ``analyse`` gets these maps with the logits from one pass (``attention.attention_pass``):
+- Block map (class-agnostic, *where the network looks*): ``mean_c (d_c - mean_hw d_c)^2 / P``
+  with ``d = g - g0`` and ``P`` the image's mean gated power over the stage's blocks
+  (``attention.stage_block_maps``). Dimensionless: 1.0 is a cell departing from the blank
+  by as much power as the image's average cell carries. ``analyse`` gets these maps with
+  the logits from one pass of the image and its reference (``attention.attention_pass``):
   a model served by ``fuse`` computes them inside its graph.
-- Stage map (class-agnostic): the block maps of the stage averaged. Non-negative raw
-  values; displayed min-max normalised to [0, 1]. It shows where the attention singles
-  out a region, for no class in particular (``benchmarks/heatmaps.py`` measures how
-  well it finds the object).
-- Class map (evidence for class k, Grad-CAM on the LKA attention): for each block,
-  channel weights ``alpha_c`` = the spatial mean of d logit_k / d attn_c; the block map
-  is ``sum_c alpha_c * attn_c``; a stage sums its blocks. Signed raw values; displayed
-  as ``relu(raw) / max(relu(raw))``, so only positive evidence is coloured. It needs
-  its own forward and backward pass on the unfused model with gradients on.
-- Combined map: the per-stage display maps resampled (bicubic, clamped to [0, 1])
-  onto the finest stage grid, averaged over the non-constant ones, normalised again
-  (min-max for stage maps, divided by the maximum for class maps).
+- Stage map: the mean of the stage's block maps, same units.
+- Class map (*evidence for class k*): LayerCAM on the gated signal relative to the
+  reference, ``sum_c relu(d logit_k / d g_c) * (g_c - g0_c)`` per block, summed over a
+  stage's blocks (``CLASS_RULES`` also has Grad-CAM's channel weights and plain gradient
+  x difference): logit-sized shares per cell, so a blank image gets none. It runs on
+  the folded model with autograd, no hooks and no input gradient (``class_maps``).
+- Combined map: the stage maps of ``COMBINED_STAGES`` resampled (bicubic, clamped at 0)
+  onto the finest stage grid and averaged: the class-agnostic maps as they are (their
+  units agree), the class maps each divided by its own peak (the per-stage totals of
+  a gradient-weighted map are not on one scale: deeper stages' are far larger).
 
-A map without spatial variation (range at most 1e-5 of its largest magnitude, e.g. a
-1x1 grid), with no positive evidence (class maps), or with non-finite values is flagged
-``constant`` and displayed as zeros; its overlay leaves the image uncoloured.
+Display maps are drawn on an absolute scale, not min-max: zero is what the blank image
+gives. A class-agnostic map is divided by ``FULL_SCALE`` or by its peak, whichever is
+larger, so a faint map looks faint; a class map by its largest positive value (negative
+evidence is not coloured). A map is flagged ``constant`` and drawn uncoloured when it
+has no more structure than a blank image (a class-agnostic map peaking below
+``STRUCTURE_FLOOR``; a class map whose stage's class-agnostic map does, or without
+positive evidence), no spatial variation (range at most 1e-5 of its
+largest magnitude, e.g. a 1x1 grid) or non-finite values.
 
 Display maps go back onto the original image through the model's own eval transform
 (resize, centre crop), sampled bicubically at the original pixels, so overlays line
@@ -38,7 +42,8 @@ Each ``Heatmap`` says what it is (``kind``, ``stage``, ``block``, ``target`` cla
 callers pick maps with ``find_map`` by those fields, never by title or position.
 Besides the page's ``analyse``, ``class_maps`` and ``overlay``, the measuring API is
 public too: ``render`` (a map on the original image, as values), ``normalise``,
-``input_geometry`` and ``stage_maps`` with its channel ``reduce`` (``benchmarks/heatmaps.py``).
+``input_geometry`` and ``stage_maps`` (any per-block reduction of captured tensors,
+``benchmarks/heatmaps.py``).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
@@ -60,12 +65,25 @@ from timm.data.transforms import CenterCropOrPad, MaybePILToTensor, MaybeToTenso
 from torch import nn
 from torchvision import transforms
 
+from .attention import Maps, attention_pass, departure, gated_stages, is_folded, reference, stage_block_maps
+from .fold import fold
 from .images import display_size, to_rgb
-from .attention import Maps, attention_pass, departure
-from .model import capture_attention
 from .predict import eval_transform, placement, preprocess, top_k
 
 CONSTANT_TOLERANCE = 1e-5
+STRUCTURE_FLOOR = 0.1  # a class-agnostic map peaking lower has no more structure than a blank image (a few grey levels of noise)
+FULL_SCALE = 2.0  # a class-agnostic map is drawn at full colour at this value (or at its peak, when higher)
+# Stages averaged into the combined maps (class-agnostic, class maps) and the class maps' rule, chosen on the
+# benchmark's validation seed (benchmarks/heatmaps.py; docs/heatmaps.md): stage 1 alone won both.
+COMBINED_STAGES = (0,)
+CLASS_STAGES = (0,)
+# Per block, from its gated signal's difference to the reference ``d`` (1, C, h, w) and ``grad`` = d logit / d g.
+CLASS_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "gradcam": lambda d, grad: (grad.mean((-2, -1), keepdim=True) * d).sum(-3),
+    "layercam": lambda d, grad: (grad.clamp_min(0) * d).sum(-3),
+    "gradient": lambda d, grad: (grad * d).sum(-3),
+}
+CLASS_RULE = "layercam"
 # Eval-transform steps that change pixel values but not where they are.
 _PIXEL_ONLY = (transforms.ToTensor, transforms.PILToTensor, transforms.Normalize, MaybeToTensor, MaybePILToTensor)
 
@@ -190,24 +208,26 @@ def _is_flat(raw: np.ndarray) -> bool:
     return spread == 0.0 or spread <= CONSTANT_TOLERANCE * peak
 
 
-def normalise(raw: np.ndarray, positive: bool = False) -> tuple[np.ndarray, bool]:
-    """``raw`` in [0, 1] (min-max, or ``relu / max`` when ``positive``) and whether it was constant (then zeros)."""
-    raw = raw.astype(np.float32)
+def normalise(raw: np.ndarray, floor: float = 0.0, full_scale: float = 0.0) -> tuple[np.ndarray, bool]:
+    """``relu(raw) / max(peak, full_scale)`` in [0, 1], and whether the map is constant (then zeros): flat, non-finite,
+    or peaking at ``floor`` or below (no positive values at all with the default)."""
+    raw = np.asarray(raw, np.float32)
     zeros = np.zeros_like(raw)
     if _is_flat(raw):
         return zeros, True
-    if positive:
-        peak = float(raw.max())
-        if peak <= CONSTANT_TOLERANCE * float(np.abs(raw).max()):
-            return zeros, True
-        return np.clip(raw / peak, 0.0, 1.0), False
-    low, high = float(raw.min()), float(raw.max())
-    return np.clip((raw - low) / (high - low), 0.0, 1.0), False
+    peak = float(raw.max())
+    if peak <= max(floor, CONSTANT_TOLERANCE * float(np.abs(raw).max())):
+        return zeros, True
+    return np.clip(raw / max(peak, full_scale), 0.0, 1.0), False
 
 
-def _heatmap(kind: MapKind, raw: np.ndarray, stride: int, positive: bool = False, **where: int | None) -> Heatmap:
-    """A ``Heatmap`` whose display map is ``normalise(raw, positive)``; ``where``: its stage, block, target."""
-    display, constant = normalise(raw, positive)
+def _heatmap(kind: MapKind, raw: np.ndarray, stride: int, absolute: bool = False, structured: bool = True,
+             **where: int | None) -> Heatmap:
+    """A ``Heatmap`` of ``raw``, drawn relative to its peak, or with ``absolute`` on the class-agnostic maps' scale
+    (``STRUCTURE_FLOOR``, ``FULL_SCALE``); flagged when not ``structured``; ``where``: its stage, block, target."""
+    display, constant = normalise(raw, STRUCTURE_FLOOR, FULL_SCALE) if absolute else normalise(raw)
+    if not structured:
+        display, constant = np.zeros_like(display), True
     return Heatmap(kind, raw.astype(np.float32), display, stride, constant, **where)
 
 
@@ -226,39 +246,47 @@ def _sample(grid: np.ndarray, out_w: int, out_h: int, x0: float, y0: float, dx: 
     return np.asarray(Image.fromarray(padded, "F").resize((out_w, out_h), Image.BICUBIC, box=box))
 
 
-def combine(maps: list[Heatmap], positive: bool = False, target: int | None = None) -> Heatmap:
-    """The mean of the non-constant display maps resampled onto the finest grid, normalised again."""
-    finest = min(maps, key=lambda m: m.stride)
+def combine(maps: list[Heatmap], stages: Sequence[int] = COMBINED_STAGES, absolute: bool = False) -> Heatmap:
+    """The mean of the ``stages``' non-flat maps (class maps: not flagged) resampled onto the finest of their grids,
+    drawn as ``_heatmap`` draws with ``absolute``: class-agnostic maps as they are (one scale), class maps each
+    relative to its own peak."""
+    chosen = [m for m in maps if m.stage in stages] or maps
+    finest = min(chosen, key=lambda m: m.stride)
     h, w = finest.raw.shape
-    layers = [
-        np.clip(_sample(m.display, w, h, 0.0, 0.0, finest.stride / m.stride, finest.stride / m.stride), 0.0, 1.0)
-        for m in maps if not m.constant
-    ]
+    layers = []
+    for m in chosen:
+        if _is_flat(m.raw) or (m.target is not None and m.constant):
+            continue
+        values = m.raw if m.target is None else np.clip(m.raw, 0.0, None) / max(float(m.raw.max()), 1e-30)
+        step = finest.stride / m.stride
+        layers.append(np.clip(_sample(values, w, h, 0.0, 0.0, step, step), 0.0, None))
     raw = np.mean(layers, axis=0) if layers else np.zeros((h, w), np.float32)
-    return _heatmap(MapKind.COMBINED, raw, finest.stride, positive, target=target)
+    return _heatmap(MapKind.COMBINED, raw, finest.stride, absolute, target=finest.target)
 
 
 def stage_maps(captured: dict[tuple[int, int], torch.Tensor], strides: list[int],
                reduce: Callable[[torch.Tensor], torch.Tensor] = departure) -> list[Heatmap]:
-    """Per stage: the captured blocks' ``reduce`` maps (default ``departure``) averaged (class-agnostic), then combined.
+    """Per stage: the captured blocks' ``reduce`` maps (default ``departure``) averaged, drawn relative to their peak,
+    then combined: any per-block reduction of captured tensors, for measuring.
 
-    ``captured`` holds one image's attention per block, (1, C, h, w), as ``capture_attention`` records it.
+    ``captured`` holds one image's tensor per block, (1, C, h, w), as ``capture_attention`` records it.
     """
-    return maps_of_stages({key: reduce(attn[0].float()) for key, attn in captured.items()}, strides)
+    return maps_of_stages({key: reduce(t[0].float()) for key, t in captured.items()}, strides, absolute=False)
 
 
-def maps_of_stages(block_maps: Maps, strides: list[int]) -> list[Heatmap]:
-    """Per stage: the mean of its blocks' (h, w) maps in ``block_maps`` (keyed by (stage, block)), then combined."""
+def maps_of_stages(block_maps: Maps, strides: list[int], absolute: bool = True) -> list[Heatmap]:
+    """Per stage: the mean of its blocks' (h, w) maps in ``block_maps`` (keyed by (stage, block)), then combined;
+    ``absolute``: on the class-agnostic maps' scale (``attention_pass``'s maps), else relative to each peak."""
     maps = []
     for stage, stride in enumerate(strides):
         raw = torch.stack([m.float() for (s, _), m in sorted(block_maps.items()) if s == stage]).mean(0)
-        maps.append(_heatmap(MapKind.STAGE, raw.cpu().numpy(), stride, stage=stage))
-    return maps + [combine(maps)]
+        maps.append(_heatmap(MapKind.STAGE, raw.cpu().numpy(), stride, absolute, stage=stage))
+    return maps + [combine(maps, absolute=absolute)]
 
 
 def maps_of_blocks(block_maps: Maps, strides: list[int]) -> list[Heatmap]:
     """Per block: its (h, w) map from ``block_maps`` (keyed by (stage, block)), class-agnostic."""
-    return [_heatmap(MapKind.BLOCK, m.float().cpu().numpy(), strides[s], stage=s, block=b)
+    return [_heatmap(MapKind.BLOCK, m.float().cpu().numpy(), strides[s], True, stage=s, block=b)
             for (s, b), m in sorted(block_maps.items())]
 
 
@@ -278,29 +306,35 @@ def analyse(model: nn.Module, image: Image.Image, k: int = 5, blocks: bool = Fal
     return Analysis(top_k(model, logits[0], k), heatmaps, input_geometry(model, image.size))
 
 
-def class_maps(model: nn.Module, image: Image.Image, index: int) -> list[Heatmap]:
-    """Evidence for class ``index`` per stage (Grad-CAM on each block's ``attn``), then combined.
+def class_maps(model: nn.Module, image: Image.Image, index: int, rule: str = CLASS_RULE) -> list[Heatmap]:
+    """Evidence for class ``index`` per stage (``CLASS_RULES[rule]`` on each block's gated signal against the
+    reference's), then combined.
 
-    Runs its own pass with gradients on ``model`` (use the unfused model); hooks are
-    removed afterwards and no parameter gradient is accumulated.
+    Runs on the folded model (``model`` is folded first unless it is; ``ClassMapCache`` folds once): the
+    reference without autograd, the image with it, and a backward pass from the logit to the gated signals
+    only, no hooks; no parameter gradient is accumulated.
     """
-    param = next(model.parameters())
-    with torch.inference_mode(False), torch.enable_grad():
-        batch = preprocess(model, to_rgb(image)).to(param.device, param.dtype).requires_grad_(True)
-        with capture_attention(model) as captured:
-            logits = model(batch)
-        keys = sorted(captured)
-        grads = torch.autograd.grad(logits[0, index], [captured[key] for key in keys])
-    strides = _strides(model)
-    per_stage: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        for key, grad in zip(keys, grads):
-            alpha = grad[0].float().mean((1, 2))
-            cam = (alpha[:, None, None] * captured[key][0].float()).sum(0)
-            per_stage[key[0]] = per_stage.get(key[0], 0) + cam
-    maps = [_heatmap(MapKind.STAGE, per_stage[s].cpu().numpy(), strides[s], positive=True, stage=s, target=index)
-            for s in sorted(per_stage)]
-    return maps + [combine(maps, positive=True, target=index)]
+    combine_rule = CLASS_RULES[rule]
+    with torch.inference_mode(False):
+        folded = model if is_folded(model) else fold(model)
+        device, dtype = placement(folded)
+        batch = preprocess(folded, to_rgb(image)).to(device, dtype)
+        with torch.no_grad():
+            _, gated_reference = gated_stages(folded, reference(batch))
+        with torch.enable_grad():
+            logits, gated = gated_stages(folded, batch)
+            flat = [g for stage in gated for g in stage]
+            grads = iter(torch.autograd.grad(logits[0, index], flat))
+        with torch.no_grad():
+            raws = [sum(combine_rule(g.float() - g0.float(), next(grads).float())[0] for g, g0 in zip(blocks, refs))
+                    for blocks, refs in zip(gated, gated_reference)]
+            # a stage whose gated signal departs from the blank's no more than a blank image's shows no evidence
+            structured = [float(max(m.max() for m in stage_block_maps(blocks, refs))) > STRUCTURE_FLOOR
+                          for blocks, refs in zip(gated, gated_reference)]
+    strides = _strides(folded)
+    maps = [_heatmap(MapKind.STAGE, raw.cpu().numpy(), strides[s], structured=structured[s], stage=s, target=index)
+            for s, raw in enumerate(raws)]
+    return maps + [combine(maps, CLASS_STAGES)]
 
 
 def image_digest(image: Image.Image) -> str:
@@ -312,10 +346,11 @@ def image_digest(image: Image.Image) -> str:
 
 
 class ClassMapCache:
-    """``class_maps`` of one unfused model, computed when asked and kept per (image hash, class) in a small LRU."""
+    """``class_maps`` of one model (folded once, here), computed when asked and kept per (image hash, class) in a
+    small LRU."""
 
     def __init__(self, model: nn.Module, maxsize: int = 32) -> None:
-        self.model = model
+        self.model = model if is_folded(model) else fold(model)
         self.maxsize = maxsize
         self._entries: OrderedDict[tuple[str, int], list[Heatmap]] = OrderedDict()
         self._lock = threading.Lock()

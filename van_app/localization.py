@@ -5,9 +5,14 @@ the mask's size first). Higher map values mean "more important".
 
 - ``pointing_game``: tie-aware. An image scores the share of the map's maximal
   pixels that lie inside the mask, so a constant map scores the mask's area
-  share instead of a free hit.
+  share instead of a free hit. With a ``tolerance`` (Zhang et al., 2018: 15 px at
+  about 224 px, ``TOLERANCE_FRACTION`` of the shorter side) a maximal pixel also
+  scores within that distance of the mask.
 - ``mass_in_mask``: the share of the map's (non-negative) mass inside the mask;
   ``lift`` divides it by the mask's area share (1.0 = no better than uniform).
+- ``border_share``: the share of the map's mass in the band along the frame's edges
+  (``BORDER_FRACTION`` of the shorter side wide), beside the band's area share: a map
+  that lights up padding or corners holds more than its area.
 - ``deletion_insertion``: RISE (Petsiuk et al., 2018). Pixels are removed from
   (deletion) or revealed onto (insertion) a baseline image in order of map
   score, ties broken by a seeded random order, and the softmax probability of
@@ -16,6 +21,13 @@ the mask's size first). Higher map values mean "more important".
   The baseline is the image blurred with a wide Gaussian (sigma = ``BLUR_FRACTION``
   of the image side): it keeps the colours and low frequencies, removes shape,
   and is closer to natural images than black or mean-grey pixels.
+- ``road``: ROAD (Rong et al., 2022). The same ordering removes a share of the pixels
+  (most relevant first, MoRF, and least relevant first, LeRF) and fills them by noisy
+  linear imputation: each removed pixel is the weighted mean of its 8 neighbours (1/6
+  across, 1/12 diagonal), a sparse linear system solved jointly (conjugate gradients,
+  started from a normalised-convolution fill) plus Gaussian noise, so the filled
+  region carries no trace of the removal mask's shape for the model to read. Scores
+  per share: the target's probability; the summary ``LeRF - MoRF`` (higher is better).
 - ``bootstrap_ci`` and ``paired_comparison`` summarise per-image scores; ``rank_correlation``
   (Spearman) compares two maps, e.g. before and after randomising the model.
 """
@@ -30,6 +42,12 @@ import torch
 import torch.nn.functional as F
 
 BLUR_FRACTION = 0.15
+TOLERANCE_FRACTION = 15 / 224
+BORDER_FRACTION = 0.08
+ROAD_NOISE = 0.01  # standard deviation of the noise added to imputed pixels (images in [0, 1])
+ROAD_SHARES = (0.1, 0.3, 0.5, 0.7, 0.9)
+# ROAD's neighbour weights: 1/6 for the 4 pixels across, 1/12 for the 4 diagonal ones.
+_NEIGHBOURS = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
 
 
 def _check(saliency: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -50,12 +68,38 @@ def area_share(mask: np.ndarray) -> float:
     return float(np.asarray(mask).astype(bool).mean())
 
 
-def pointing_game(saliency: np.ndarray, mask: np.ndarray, rtol: float = 1e-6) -> float:
-    """Share of the map's maximal pixels (within ``rtol`` of its range) that fall inside ``mask``."""
+def pointing_game(saliency: np.ndarray, mask: np.ndarray, rtol: float = 1e-6, tolerance: float = 0.0) -> float:
+    """Share of the map's maximal pixels (within ``rtol`` of its range) that fall inside ``mask`` or within
+    ``tolerance`` pixels of it (centre to centre)."""
     saliency, mask = _check(saliency, mask)
     top = saliency.max()
     peak = saliency >= top - rtol * (top - saliency.min())
-    return float(mask[peak].mean())
+    return float(dilated(mask, tolerance)[peak].mean())
+
+
+def dilated(mask: np.ndarray, radius: float) -> np.ndarray:
+    """``mask`` grown by every pixel whose centre lies within ``radius`` of a mask pixel's centre."""
+    mask = np.asarray(mask, bool)
+    r = int(np.floor(radius))
+    if r < 1:
+        return mask
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = torch.from_numpy((yy**2 + xx**2 <= radius**2).astype(np.float32))[None, None]
+    grown = F.conv2d(torch.from_numpy(mask.astype(np.float32))[None, None], disk, padding=r)
+    return grown[0, 0].numpy() > 0.5
+
+
+def border_share(saliency: np.ndarray, fraction: float = BORDER_FRACTION) -> tuple[float, float]:
+    """The share of the map's non-negative mass in the band ``fraction`` of the shorter side wide along the edges,
+    and the band's area share (an all-zero map counts as uniform)."""
+    saliency = np.clip(np.asarray(saliency, dtype=np.float64), 0, None)
+    h, w = saliency.shape
+    width = max(1, round(fraction * min(h, w)))
+    band = np.ones((h, w), bool)
+    band[width : h - width, width : w - width] = False
+    total = saliency.sum()
+    area = float(band.mean())
+    return (float(saliency[band].sum() / total) if total > 0 else area), area
 
 
 def mass_in_mask(saliency: np.ndarray, mask: np.ndarray) -> float:
@@ -145,6 +189,82 @@ def deletion_insertion(
     with torch.no_grad():
         p = probs(torch.cat([deleted, inserted]))[:, target].float().cpu().numpy()
     return Curves(counts / (h * w), p[: steps + 1], p[steps + 1 :])
+
+
+def impute(image: torch.Tensor, removed: torch.Tensor, noise: float = ROAD_NOISE, seed: int = 0,
+           tol: float = 1e-3, max_iter: int = 500) -> torch.Tensor:
+    """ROAD's noisy linear imputation of the ``removed`` pixels (B, H, W bool) of ``image`` (B or 1, C, H, W).
+
+    Each removed pixel becomes the weighted mean of its in-frame neighbours (``_NEIGHBOURS``),
+    jointly over all removed pixels: the Laplace system is solved by conjugate gradients
+    (to a relative residual of ``tol``), then noise of standard deviation ``noise`` is added.
+    """
+    b, c, h, w = removed.shape[0], *image.shape[-3:]
+    values = image.expand(b, -1, -1, -1).reshape(b * c, 1, h, w).float()  # channels solved as separate systems
+    unknown = removed[:, None].expand(-1, c, -1, -1).reshape(b * c, 1, h, w).float()
+    known = 1.0 - unknown
+    kernel = _NEIGHBOURS.to(values)[None, None]
+
+    def neighbours(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, kernel, padding=1)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:  # the system's matrix on the unknowns (zero elsewhere)
+        return (degree * x - neighbours(x)) * unknown
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        return blurred(x[:, 0])[:, None]
+
+    degree = neighbours(torch.ones_like(values))
+    rhs = neighbours(values * known) * unknown
+    # start from a normalised convolution: a wide blur of the known pixels over a blur of where they are
+    x = blur(values * known) / blur(known).clamp_min(1e-6) * unknown
+    residual = rhs - apply(x)
+    direction = residual.clone()
+    rr = residual.square().sum((1, 2, 3))
+    limit = tol**2 * rhs.square().sum((1, 2, 3))
+    for _ in range(max_iter):
+        if bool((rr <= limit).all()):
+            break
+        step = apply(direction)
+        alpha = (rr / (direction * step).sum((1, 2, 3)).clamp_min(1e-30)).view(-1, 1, 1, 1)
+        x = x + alpha * direction
+        residual = residual - alpha * step
+        rr, previous = residual.square().sum((1, 2, 3)), rr
+        direction = residual + (rr / previous.clamp_min(1e-30)).view(-1, 1, 1, 1) * direction
+    jitter = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x) * noise
+    return (values * known + (x + jitter) * unknown).view(b, c, h, w)
+
+
+@dataclass(frozen=True)
+class Road:
+    """ROAD scores of one image: the target's probability after removing each share, most and least relevant first."""
+
+    shares: np.ndarray
+    morf: np.ndarray
+    lerf: np.ndarray
+
+    @property
+    def score(self) -> float:
+        """Mean of ``LeRF - MoRF`` over the shares (higher: the map ranks pixels as the model needs them)."""
+        return float(np.mean(self.lerf - self.morf))
+
+
+def road(probs: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, saliency: np.ndarray, target: int,
+         shares: tuple[float, ...] = ROAD_SHARES, seed: int = 0, noise: float = ROAD_NOISE) -> Road:
+    """ROAD MoRF and LeRF of ``image`` (C, H, W) for class ``target`` at each removed share; ``probs`` is called once."""
+    h, w = image.shape[-2:]
+    if np.shape(saliency) != (h, w):
+        raise ValueError(f"map {np.shape(saliency)} must match the image's {(h, w)}")
+    rank = torch.empty(h * w, dtype=torch.long)
+    rank[torch.from_numpy(removal_order(saliency, seed))] = torch.arange(h * w)
+    counts = torch.as_tensor([round(s * h * w) for s in shares])
+    most = rank[None] < counts[:, None]
+    least = rank[None] >= (h * w - counts)[:, None]
+    removed = torch.cat([most, least]).view(-1, h, w).to(image.device)
+    filled = impute(image[None], removed, noise, seed)
+    with torch.no_grad():
+        p = probs(filled)[:, target].float().cpu().numpy()
+    return Road(np.asarray(shares), p[: len(shares)], p[len(shares) :])
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:

@@ -1,0 +1,76 @@
+"""The per-block maps of the served graph: the gated LKA signal against each image's blank reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from van_app import load_model
+from van_app.attention import (
+    WithAttentionMaps,
+    attention_pass,
+    block_keys,
+    capture_gated,
+    gated_block,
+    gated_stages,
+    reference,
+)
+from van_app.fold import fold
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return load_model("van_micro", num_classes=3)
+
+
+def test_reference_is_a_blank_image_of_each_images_mean_colour():
+    x = torch.randn(2, 3, 8, 6)
+    blank = reference(x)
+    assert torch.allclose(blank, x.mean((2, 3), keepdim=True).expand_as(x))
+    assert torch.equal(blank.amax((2, 3)), blank.amin((2, 3)))
+
+
+def test_folded_block_hands_on_what_its_lka_passes_on(model):
+    folded = fold(model)
+    block = folded.stages[1].blocks[0]
+    features = folded.stages[1].patch_embed(folded.stages[0](torch.randn(1, 3, 48, 48)))
+    with torch.no_grad(), capture_gated(folded) as captured:
+        out, gated = gated_block(block, features)
+        assert torch.equal(out, block(features))
+    assert torch.equal(gated, captured[(1, 0)])
+
+
+def test_folded_and_hooked_passes_give_the_same_logits_and_maps(model):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        plain_logits, plain = attention_pass(model, x)
+        folded_logits, folded = attention_pass(fold(model), x)
+    assert torch.allclose(plain_logits, folded_logits, atol=1e-4) and list(folded) == block_keys(model)
+    for key in plain:
+        assert torch.allclose(plain[key], folded[key], rtol=1e-3, atol=1e-5)
+
+
+def test_an_images_maps_do_not_depend_on_the_rest_of_its_batch(model):
+    graph = WithAttentionMaps(fold(model))
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        together = graph(x)
+        alone = graph(x[1:2])
+    for a, b in zip(together, alone):
+        assert torch.allclose(a[1:2], b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_blank_batch_gets_zero_maps(model):
+    x = torch.full((1, 3, 64, 64), 0.3)
+    with torch.inference_mode():
+        _, maps = attention_pass(fold(model), x)
+    assert all(float(m.abs().max()) < 1e-6 for m in maps.values())
+
+
+def test_gradients_stop_at_the_first_stage_asked_for(model):
+    folded = fold(model)
+    with torch.enable_grad():
+        logits, gated = gated_stages(folded, torch.randn(1, 3, 64, 64), grad_from=2)
+    assert all(not g.requires_grad for stage in gated[:2] for g in stage)
+    assert all(g.requires_grad for stage in gated[2:] for g in stage) and logits.requires_grad
