@@ -25,9 +25,6 @@ on the stage's grid, from one pass of the image and its reference (a batch of 2B
   on explicitly: no hooks, so one model can serve several threads at once;
 - any other VAN (unfolded, or built by timm) is read with hooks on each LKA, which a
   shared model must not run from two threads at once.
-
-``MAPS_VERSION`` names this definition: a graph exported with maps computes them, so
-a cached graph must be keyed by it.
 """
 
 from __future__ import annotations
@@ -42,7 +39,6 @@ from .fold import FusedBlock, _gelu
 from .model import lka_modules
 
 Maps = dict[tuple[int, int], torch.Tensor]
-MAPS_VERSION = 2  # 1: departure of attn alone; 2: departure of the gated signal from the reference's, over P
 
 
 def departure(x: torch.Tensor) -> torch.Tensor:
