@@ -16,7 +16,7 @@ from torch import nn
 
 from van_app import fuse, load_model, predict
 from van_app.attention import attention_pass, block_keys
-from van_app.cache import cache_dir, model_digest
+from van_app.cache import MAX_AGE_DAYS, cache_dir, model_digest
 from van_app import engines
 from van_app.engines import EngineModel, Runner, fastest, installed_engines
 from van_app.explain import MapKind, analyse, find_map
@@ -160,6 +160,13 @@ def test_other_weights_get_another_cache_entry(micro, cache):
     assert model_digest(other) != model_digest(micro) and len(_graphs(cache)) == 2
 
 
+def test_graphs_made_by_other_code_are_not_reused(micro, cache, monkeypatch):
+    fuse(micro, engine="onnxruntime", threads=1)
+    monkeypatch.setattr(engines, "graph_code", lambda: "the next version of the maps")
+    fuse(micro, engine="onnxruntime", threads=1)
+    assert len(_graphs(cache)) == 2
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "other weights"])
 def test_a_wrong_cache_entry_is_rebuilt_not_trusted(micro, cache, damage):
     fuse(micro, engine="onnxruntime", threads=1)
@@ -178,6 +185,19 @@ def test_a_wrong_cache_entry_is_rebuilt_not_trusted(micro, cache, damage):
     with torch.inference_mode():
         assert (again(x) - micro(x)).abs().max() <= 1e-4
     assert read_metadata(entry)["cache_key"] == entry.stem
+
+
+def test_building_an_entry_removes_those_unused_for_a_month(micro, cache):
+    fuse(micro, engine="onnxruntime", threads=1)
+    (used,) = _graphs(cache)
+    stale, recent = cache / "onnx" / "stale.onnx", cache / "onnx" / "recent.onnx"
+    for path, days in ((stale, MAX_AGE_DAYS + 1), (recent, MAX_AGE_DAYS - 1), (used, MAX_AGE_DAYS - 1)):
+        path.touch()
+        os.utime(path, (time.time() - days * 86400,) * 2)
+    fuse(micro, engine="onnxruntime", threads=1)  # loads, and so touches, the used entry
+    assert time.time() - used.stat().st_mtime < 3600
+    fuse(_realistic(seed=2), engine="onnxruntime", threads=1)  # builds a new entry
+    assert not stale.exists() and recent.exists() and used.exists()
 
 
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):

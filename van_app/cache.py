@@ -7,7 +7,8 @@ weights (every tensor's name, dtype, shape and bytes), the model's configuration
 version, exporter version, input size...), so changed weights never meet an old file.
 Entries are written whole (``files.atomic_path``); ``load_or_build`` hands an existing
 entry to its loader, which checks it, and builds it again when the loader refuses it
-(a truncated, corrupt or foreign file), instead of failing.
+(a truncated, corrupt or foreign file), instead of failing. Entries unused for
+``MAX_AGE_DAYS`` are removed when a new one is built beside them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -27,6 +29,7 @@ from .errors import first_line
 from .files import atomic_path
 
 CACHE_ENV = "VAN_APP_CACHE"
+MAX_AGE_DAYS = 30  # an entry unused this long is removed when another is built beside it
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
@@ -58,12 +61,29 @@ def entry_path(kind: str, *parts: object, suffix: str = "") -> Path:
 
 def load_or_build(path: Path, build: Callable[[Path], None], load: Callable[[Path], T]) -> T:
     """``load(path)`` of the cached entry; built first (``build`` writes the path it is given) when there is none
-    or when ``load`` refuses the one there. A fresh entry that ``load`` refuses raises."""
+    or when ``load`` refuses the one there. A fresh entry that ``load`` refuses raises.
+
+    A used entry is touched; building one removes the entries beside it unused for ``MAX_AGE_DAYS``.
+    """
     if path.is_file():
         try:
-            return load(path)
+            loaded = load(path)
+            os.utime(path)
+            return loaded
         except Exception as refused:  # noqa: BLE001 - whatever is wrong with the file, a new one replaces it
             logger.warning("rebuilding the cached %s: %s", path.name, first_line(refused))
     with atomic_path(path) as tmp:
         build(tmp)
+    _prune(path.parent, keep=path)
     return load(path)
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Remove the entries of ``folder`` (but ``keep``) last used more than ``MAX_AGE_DAYS`` ago."""
+    oldest = time.time() - MAX_AGE_DAYS * 86400
+    for entry in folder.iterdir():
+        try:
+            if entry != keep and entry.is_file() and entry.stat().st_mtime < oldest:
+                entry.unlink()
+        except OSError:  # another process removed or replaced it meanwhile
+            pass

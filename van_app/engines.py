@@ -7,7 +7,8 @@ called on a batch tensor it returns the logits, and it carries the model's
 attention map from one pass of a graph that has them as extra outputs.
 
 Each graph (logits only, or with maps; one per input size) is exported once per
-weights and kept in the disk cache (``cache``). An export records in its metadata
+weights and kept in the disk cache (``cache``), keyed by the weights and by the code
+that defines the graph (``graph_code``). An export records in its metadata
 its cache key and the folded PyTorch model's outputs on a fixed random input (the probe);
 every load, fresh or cached, checks the key and runs the engine on the probe before
 the graph serves, and a cached file that fails either check is written again. The
@@ -22,6 +23,7 @@ the choice is kept in the cache beside the graphs).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -41,6 +43,10 @@ import onnx
 import torch
 from torch import nn
 
+from . import attention as attention_module
+from . import fold as fold_module
+from . import model as model_module
+from . import onnx_export as onnx_export_module
 from .attention import Maps, attention_pass, block_keys
 from .cache import entry_path, load_or_build, model_digest
 from .errors import first_line
@@ -129,23 +135,37 @@ def openvino_runner(path: Path, threads: int) -> Runner:
 RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
 
 
-def fastest(runners: list[Runner], x: np.ndarray, rounds: int = 3, round_seconds: float = 0.05) -> Runner:
-    """The runner of ``runners`` whose best round on ``x`` is quickest: rounds interleaved, each of enough calls to
-    last about ``round_seconds``, after a first untimed call each (which compiles where an engine compiles)."""
+def fastest(runners: list[Runner], x: np.ndarray, rounds: int = 5, round_seconds: float = 0.05) -> Runner:
+    """The runner of ``runners`` quickest on ``x`` in its median round: rounds interleaved, each of enough calls to
+    last about ``round_seconds``, after a first untimed call each (which compiles where an engine compiles).
+
+    The median, not the best round: on a machine where other work takes a core, an engine
+    whose threads wait for each other (ONNX Runtime) has good best rounds and slow typical ones.
+    """
     calls = []
     for runner in runners:
         runner(x)
         start = time.perf_counter()
         runner(x)
         calls.append(max(1, round(round_seconds / max(time.perf_counter() - start, 1e-6))))
-    best = [float("inf")] * len(runners)
+    seconds: list[list[float]] = [[] for _ in runners]
     for _ in range(rounds):
-        for i, runner in enumerate(runners):
+        for runner, n, times in zip(runners, calls, seconds):
             start = time.perf_counter()
-            for _ in range(calls[i]):
+            for _ in range(n):
                 runner(x)
-            best[i] = min(best[i], (time.perf_counter() - start) / calls[i])
-    return runners[best.index(min(best))]
+            times.append((time.perf_counter() - start) / n)
+    medians = [float(np.median(times)) for times in seconds]
+    return runners[medians.index(min(medians))]
+
+
+def graph_code() -> str:
+    """A hash of the source of the modules that define an exported graph (its layers, its maps, its export): a cached
+    graph made by other code is never loaded, whatever version numbers say."""
+    digest = hashlib.blake2b(digest_size=16)
+    for module in (model_module, fold_module, attention_module, onnx_export_module):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
 
 
 def _machine() -> str:
@@ -249,8 +269,8 @@ class EngineModel:
         """Every engine that runs the checked graph for input ``size``; an engine that fails is left out, with a
         warning, unless it is the only one."""
         if (maps, *size) not in self._graphs:
-            path = entry_path("onnx", self._digest, FORMAT, OPSET, torch.__version__, onnx.__version__, maps, *size,
-                              suffix=".onnx")
+            path = entry_path("onnx", self._digest, graph_code(), FORMAT, OPSET, torch.__version__, onnx.__version__,
+                              maps, *size, suffix=".onnx")
             runners = []
             for engine in self.engines:
                 try:

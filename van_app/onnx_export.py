@@ -37,6 +37,7 @@ from .attention import WithAttentionMaps, block_keys
 from .files import atomic_path
 from .fold import fold
 from .predict import data_config
+from .variants import default_labels
 
 FORMAT = 1
 OPSET = 18
@@ -71,7 +72,7 @@ def export_metadata(model: nn.Module, maps: bool) -> dict[str, str]:
     preprocessing = {"input_size": list(cfg["input_size"]), "interpolation": cfg["interpolation"],
                      "mean": list(cfg["mean"]), "std": list(cfg["std"]), "crop_pct": cfg["crop_pct"],
                      "crop_mode": cfg.get("crop_mode", "center")}
-    labels = getattr(model, "labels", None) or [f"class_{i}" for i in range(model.num_classes)]
+    labels = getattr(model, "labels", None) or default_labels(model.num_classes)
     values = {
         "labels": list(labels),
         "preprocessing": preprocessing,
