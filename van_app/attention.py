@@ -74,15 +74,16 @@ def is_folded(model: nn.Module) -> bool:
     return isinstance(stages, nn.Sequential) and all(isinstance(b, FusedBlock) for s in stages for b in s.blocks)
 
 
-def gated_stages(folded: nn.Module, x: torch.Tensor, grad_from: int = 0
+def gated_stages(folded: nn.Module, x: torch.Tensor, grad_from: int = 0, until: int | None = None
                  ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
     """The logits of ``x`` and each block's gated signal, per stage, through a folded VAN without hooks.
 
     Stages before ``grad_from`` run without autograd, so a backward pass from the
-    logits stops at the gated signals of stage ``grad_from``.
+    logits stops at the gated signals of stage ``grad_from``. With ``until`` only the
+    stages before it run, and the first value is their output instead of the logits.
     """
     gated: list[list[torch.Tensor]] = []
-    for s, stage in enumerate(folded.stages):
+    for s, stage in enumerate(folded.stages[:until]):
         with torch.no_grad() if s < grad_from else nullcontext():
             x = stage.patch_embed(x)
             gated.append([])
@@ -90,7 +91,7 @@ def gated_stages(folded: nn.Module, x: torch.Tensor, grad_from: int = 0
                 x, g = gated_block(block, x)
                 gated[-1].append(g)
             x = stage.norm(x)
-    return folded.forward_head(x), gated
+    return (x if until is not None else folded.forward_head(x)), gated
 
 
 class WithAttentionMaps(nn.Module):

@@ -18,8 +18,9 @@ with reduction ``r`` (4, 8, 16, 32) has its cell (i, j) centred on model-input p
 - Class map (*evidence for class k*): LayerCAM on the gated signal relative to the
   reference, ``sum_c relu(d logit_k / d g_c) * (g_c - g0_c)`` per block, summed over a
   stage's blocks (``CLASS_RULES`` also has Grad-CAM's channel weights and plain gradient
-  x difference): logit-sized shares per cell, so a blank image gets none. It runs on
-  the folded model with autograd, no hooks and no input gradient (``class_maps``).
+  x difference): logit-sized shares per cell, so a blank image gets none. The page's
+  class maps are those of ``CLASS_STAGES``; they run on the folded model with autograd
+  from that stage on, without hooks or an input gradient (``class_maps``).
 - Combined map: the stage maps of ``COMBINED_STAGES`` resampled (bicubic, clamped at 0)
   onto the finest stage grid and averaged: the class-agnostic maps as they are (their
   units agree), the class maps each divided by its own peak (the per-stage totals of
@@ -306,35 +307,37 @@ def analyse(model: nn.Module, image: Image.Image, k: int = 5, blocks: bool = Fal
     return Analysis(top_k(model, logits[0], k), heatmaps, input_geometry(model, image.size))
 
 
-def class_maps(model: nn.Module, image: Image.Image, index: int, rule: str = CLASS_RULE) -> list[Heatmap]:
-    """Evidence for class ``index`` per stage (``CLASS_RULES[rule]`` on each block's gated signal against the
-    reference's), then combined.
+def class_maps(model: nn.Module, image: Image.Image, index: int, rule: str = CLASS_RULE,
+               stages: Sequence[int] = CLASS_STAGES) -> list[Heatmap]:
+    """Evidence for class ``index`` per stage of ``stages`` (``CLASS_RULES[rule]`` on each block's gated signal
+    against the reference's), then combined.
 
     Runs on the folded model (``model`` is folded first unless it is; ``ClassMapCache`` folds once): the
-    reference without autograd, the image with it, and a backward pass from the logit to the gated signals
-    only, no hooks; no parameter gradient is accumulated.
+    reference through the last of ``stages`` only, without autograd; the image with autograd from the first of
+    ``stages``; one backward pass from the logit to their gated signals; no hooks, no input gradient, and no
+    parameter gradient is accumulated.
     """
     combine_rule = CLASS_RULES[rule]
+    first, last = min(stages), max(stages)
     with torch.inference_mode(False):
         folded = model if is_folded(model) else fold(model)
         device, dtype = placement(folded)
         batch = preprocess(folded, to_rgb(image)).to(device, dtype)
         with torch.no_grad():
-            _, gated_reference = gated_stages(folded, reference(batch))
+            _, gated_reference = gated_stages(folded, reference(batch), until=last + 1)
         with torch.enable_grad():
-            logits, gated = gated_stages(folded, batch)
-            flat = [g for stage in gated for g in stage]
-            grads = iter(torch.autograd.grad(logits[0, index], flat))
+            logits, gated = gated_stages(folded, batch, grad_from=first)
+            grads = iter(torch.autograd.grad(logits[0, index], [g for s in stages for g in gated[s]]))
         with torch.no_grad():
-            raws = [sum(combine_rule(g.float() - g0.float(), next(grads).float())[0] for g, g0 in zip(blocks, refs))
-                    for blocks, refs in zip(gated, gated_reference)]
+            raws = {s: sum(combine_rule(g.float() - g0.float(), next(grads).float())[0]
+                           for g, g0 in zip(gated[s], gated_reference[s])) for s in stages}
             # a stage whose gated signal departs from the blank's no more than a blank image's shows no evidence
-            structured = [float(max(m.max() for m in stage_block_maps(blocks, refs))) > STRUCTURE_FLOOR
-                          for blocks, refs in zip(gated, gated_reference)]
+            structured = {s: float(max(m.max() for m in stage_block_maps(gated[s], gated_reference[s])))
+                          > STRUCTURE_FLOOR for s in stages}
     strides = _strides(folded)
-    maps = [_heatmap(MapKind.STAGE, raw.cpu().numpy(), strides[s], structured=structured[s], stage=s, target=index)
-            for s, raw in enumerate(raws)]
-    return maps + [combine(maps, CLASS_STAGES)]
+    maps = [_heatmap(MapKind.STAGE, raws[s].cpu().numpy(), strides[s], structured=structured[s], stage=s,
+                     target=index) for s in stages]
+    return maps + [combine(maps, stages)]
 
 
 def image_digest(image: Image.Image) -> str:
