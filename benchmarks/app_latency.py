@@ -12,8 +12,9 @@ and the same weights, each figure measured in the same run:
   model is warm), requests to the two apps interleaved; the ratio to in-process;
 - throughput: ``--clients`` concurrent gradio_client clients, each sending its own
   image ``--requests`` times (none may fail), in requests/s with per-request p50/p95;
-- floor: the same round trip against an app whose handler does nothing and returns
-  the same outputs (five small JPEGs and labels): what gradio and its client cost.
+- floor: the same round trip, alone and under the same concurrent clients, against an
+  app whose handler does nothing and returns the same outputs (five small JPEGs and
+  labels): what gradio and its client cost by themselves on this machine.
 
 gradio_client opens a new HTTP connection, with a new TLS context, for every upload,
 request, event stream and downloaded file, even over plain HTTP; creating each context
@@ -327,6 +328,7 @@ def main() -> None:
         floor_app = Served(FLOOR, ROOT)
         try:
             floor = end_to_end({"floor": floor_app}, image, args)["floor"]
+            floor_rate, _, floor_failures = throughput(floor_app, folder, args)
         finally:
             floor_app.close()
 
@@ -342,6 +344,8 @@ def main() -> None:
     for label, cell in rows:
         print(f"{label:34} " + "".join(f"{cell(name):>44}" for name in trees))
     print(f"{'floor: gradio + client, no work':34} {summary(floor):>44}")
+    print(f"{'floor: ' + str(args.clients) + ' clients, no work':34} "
+          f"{f'{floor_rate:.2f} req/s, {len(floor_failures)} failed':>44}")
     if "before" in trees:
         print(f"after vs before: in-process {statistics.median(local['before']) / statistics.median(local['after']):.1f}x"
               f" faster, end to end {statistics.median(remote['before']) / statistics.median(remote['after']):.1f}x"
