@@ -260,7 +260,8 @@ def app_maps(model: torch.nn.Module, folded: torch.nn.Module, samples: list[Samp
                 if rule == CLASS_RULE:
                     found["class combined"] = combine(evidence, CLASS_STAGES)
                 if candidates:
-                    found.update({f"class {rule} {name}": combine(evidence, subset) for name, subset in SUBSETS.items()})
+                    found.update({f"class {rule} {name}": combine(evidence, subset)
+                                  for name, subset in SUBSETS.items()})
             for name, heatmap in found.items():
                 maps.setdefault(name, []).append(heatmap)
     return maps, predicted
@@ -564,7 +565,7 @@ def mean_correlation(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 def blank_check(model: torch.nn.Module, folded: torch.nn.Module, cfg: Config, mean_map: Heatmap
                 ) -> dict[str, dict[str, float]]:
-    """Each method's border-band share of the mass on blank frames and on scikit-learn's photos, with the band's area."""
+    """Each method's border-band share of the mass on blank frames and on scikit-learn's photos, and the band's area."""
     blanks = [Sample(np.full((h, w, 3), colour, np.uint8), np.ones((h, w), bool), SHAPES[0], colour)
               for colour in BLANK_COLOURS for w, h in BLANK_FRAMES]
     photos = [Sample(np.asarray(Image.fromarray(a).resize((160, 107), Image.BICUBIC)), np.ones((107, 160), bool),
@@ -759,7 +760,8 @@ def example_panels(model: torch.nn.Module, folded: torch.nn.Module, sample: Samp
 def parse_args() -> Config:
     """The benchmark's command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="checkpoints/van-b0-shapes", help="van_app export folder (or any load_model source)")
+    p.add_argument("--model", default="checkpoints/van-b0-shapes",
+                   help="van_app export folder (or any load_model source)")
     p.add_argument("--out", type=Path, default=Path("runs/heatmaps"), help="folder for the CSVs, JSON and plot")
     helps = {"test_seed": "van-synth seed of the test images (the off-centre split adds 500)",
              "val_seed": "van-synth seed of the validation images that select the default map and class rule",
@@ -807,7 +809,8 @@ def main() -> None:
     print("  default map: " + ", ".join(f"{k} {v:.3f}" for k, v in subsets.items())
           + f" -> {best_subset}; the app averages stages {[s + 1 for s in COMBINED_STAGES]}"
           + (" (the same)" if SUBSETS[best_subset] == tuple(COMBINED_STAGES) else " (NOT the choice)"))
-    print("  class map: " + ", ".join(f"{r} {k} {v:.3f}" for (r, k), v in sorted(classes.items(), key=lambda i: -i[1])[:6])
+    ranked = sorted(classes.items(), key=lambda item: -item[1])[:6]
+    print("  class map: " + ", ".join(f"{r} {k} {v:.3f}" for (r, k), v in ranked)
           + f" ... -> {best_rule} {best_class}; the app uses {CLASS_RULE} over stages {[s + 1 for s in CLASS_STAGES]}"
           + (" (the same)" if (best_rule, SUBSETS[best_class]) == (CLASS_RULE, tuple(CLASS_STAGES)) else " (NOT)"))
 

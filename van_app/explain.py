@@ -72,7 +72,7 @@ from .images import display_size, to_rgb
 from .predict import eval_transform, placement, preprocess, top_k
 
 CONSTANT_TOLERANCE = 1e-5
-STRUCTURE_FLOOR = 0.1  # a class-agnostic map peaking lower has no more structure than a blank image (a few grey levels of noise)
+STRUCTURE_FLOOR = 0.1  # a class-agnostic map peaking lower is no more structured than a blank image (+-3 grey levels)
 FULL_SCALE = 2.0  # a class-agnostic map is drawn at full colour at this value (or at its peak, when higher)
 # Stages averaged into the combined maps (class-agnostic, class maps) and the class maps' rule, chosen on the
 # benchmark's validation seed (benchmarks/heatmaps.py; docs/heatmaps.md): stage 1 alone won both.
@@ -317,7 +317,7 @@ def class_maps(model: nn.Module, image: Image.Image, index: int, rule: str = CLA
     ``stages``; one backward pass from the logit to their gated signals; no hooks, no input gradient, and no
     parameter gradient is accumulated.
     """
-    combine_rule = CLASS_RULES[rule]
+    score = CLASS_RULES[rule]
     first, last = min(stages), max(stages)
     with torch.inference_mode(False):
         folded = model if is_folded(model) else fold(model)
@@ -329,7 +329,7 @@ def class_maps(model: nn.Module, image: Image.Image, index: int, rule: str = CLA
             logits, gated = gated_stages(folded, batch, grad_from=first)
             grads = iter(torch.autograd.grad(logits[0, index], [g for s in stages for g in gated[s]]))
         with torch.no_grad():
-            raws = {s: sum(combine_rule(g.float() - g0.float(), next(grads).float())[0]
+            raws = {s: sum(score(g.float() - g0.float(), next(grads).float())[0]
                            for g, g0 in zip(gated[s], gated_reference[s])) for s in stages}
             # a stage whose gated signal departs from the blank's no more than a blank image's shows no evidence
             structured = {s: float(max(m.max() for m in stage_block_maps(gated[s], gated_reference[s])))
@@ -420,7 +420,7 @@ def _palette(colormap: str) -> bytes:
 
 def overlay(image: Image.Image, heatmap: Heatmap, geometry: Geometry, colormap: str = "turbo",
             opacity: float = 0.5, max_side: int | None = None) -> Image.Image:
-    """``image`` (RGB, at most ``max_side``) with ``heatmap`` blended in where the model saw it; constant: uncoloured."""
+    """``image`` (RGB, at most ``max_side``) with ``heatmap`` blended in where the model saw it (constant: as is)."""
     size = display_size(image.size, max_side)
     base = image if image.mode == "RGB" else to_rgb(image)
     base = base.resize(size, Image.BILINEAR) if base.size != size else base.copy()

@@ -251,7 +251,7 @@ class Road:
 
 def road(probs: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, saliency: np.ndarray, target: int,
          shares: tuple[float, ...] = ROAD_SHARES, seed: int = 0, noise: float = ROAD_NOISE) -> Road:
-    """ROAD MoRF and LeRF of ``image`` (C, H, W) for class ``target`` at each removed share; ``probs`` is called once."""
+    """ROAD MoRF and LeRF of ``image`` (C, H, W) for class ``target`` at each removed share (``probs``: one call)."""
     h, w = image.shape[-2:]
     if np.shape(saliency) != (h, w):
         raise ValueError(f"map {np.shape(saliency)} must match the image's {(h, w)}")
