@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import ctypes
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -177,6 +179,11 @@ def committed_files(commit: list[dict]) -> dict[str, bytes]:
     return {op["value"]["path"]: base64.b64decode(op["value"]["content"]) for op in commit if op["key"] == "file"}
 
 
+def _end_with_parent() -> None:
+    """In a child before it runs: SIGTERM it when the test process dies, so no crashed run leaves servers behind."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def serve_app(model: str, env: dict[str, str] | None = None, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
     """``python app.py`` with ``VAN_MODEL=model`` (and ``env``) on a free local port, once it answers HTTP."""
     with socket.socket() as s:
@@ -184,7 +191,7 @@ def serve_app(model: str, env: dict[str, str] | None = None, timeout: float = 12
         port = s.getsockname()[1]
     full_env = dict(os.environ, VAN_MODEL=model, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
                     GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", **(env or {}))
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=full_env,
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=full_env, preexec_fn=_end_with_parent,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout

@@ -4,7 +4,10 @@ it, the graph cached on disk by the weights and rebuilt when the file there is w
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from van_app import engines
 from van_app.engines import EngineModel, Runner, fastest, installed_engines
 from van_app.explain import MapKind, analyse, find_map
 from van_app.fold import fold
-from van_app.onnx_export import read_metadata
+from van_app.onnx_export import export_onnx, read_metadata
 
 SIZE = 64
 
@@ -137,6 +140,36 @@ def test_openvino_serves_the_same_logits_and_maps(micro):
         assert (fast(x) - want).abs().max() <= 1e-4
     assert (logits - want).abs().max() <= 1e-4
     assert all((maps[key] - expected[key]).abs().max() <= 1e-4 * expected[key].abs().max() for key in expected)
+
+
+def _signal_stack() -> tuple[int, int, int]:
+    """This thread's alternate signal stack (address, flags, size), as ``sigaltstack`` reports it."""
+    class Stack(ctypes.Structure):
+        _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+    stack = Stack()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0
+    return stack.sp or 0, stack.flags, stack.size
+
+
+def test_openvino_graphs_freed_out_of_order_leave_the_signal_stack_as_it_was(micro, tmp_path):
+    pytest.importorskip("openvino")
+    before = _signal_stack()
+    path = tmp_path / "micro.onnx"
+    export_onnx(micro, path)
+    x = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    first, second = engines.openvino_runner(path, 1), engines.openvino_runner(path, 1)
+    threads = threading.active_count()
+    first(x), second(x)
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+    assert _signal_stack() == before
+    deadline = time.monotonic() + 5
+    while threading.active_count() > threads - 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == threads - 2
 
 
 def test_the_built_graph_is_cached_and_loaded_without_exporting_again(micro, cache, monkeypatch):

@@ -29,10 +29,14 @@ import importlib.util
 import json
 import os
 import platform
+import queue
+import signal
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -100,36 +104,68 @@ def openvino_runner(path: Path, threads: int) -> Runner:
     """OpenVINO on the CPU (``threads`` threads, latency hint, f32) running the graph at ``path``.
 
     The graph is compiled for each input shape on its first call: OpenVINO runs a static
-    batch size faster than a dynamic one (about 6% for van_b0). An infer request serves
-    one call at a time, so concurrent calls each take one from a pool.
+    batch size faster than a dynamic one (about 6% for van_b0). Every OpenVINO call runs on
+    one thread of the runner's own (``_openvino_thread``), so calls take turns.
     """
-    import openvino as ov
-
-    core = ov.Core()
-    graph = core.read_model(str(path))
-    framework = graph.get_rt_info()["framework"] if "framework" in graph.get_rt_info() else {}
-    metadata = {key: framework[key].astype(str) for key in framework.keys()} if framework else {}
-    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-    compiled: dict[tuple[int, ...], tuple[Any, list]] = {}
-    compiling = threading.Lock()
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    loaded: Future = Future()
+    thread = threading.Thread(target=_openvino_thread, args=(path, threads, jobs, loaded), name="openvino",
+                              daemon=True)
+    thread.start()
+    metadata = loaded.result()
 
     def run(x: np.ndarray) -> list[np.ndarray]:
-        if x.shape not in compiled:
-            with compiling:
-                if x.shape not in compiled:
-                    shaped = graph.clone()
-                    shaped.reshape({shaped.input(0).get_any_name(): list(x.shape)})
-                    compiled[x.shape] = (core.compile_model(shaped, "CPU", config), [])
-        model, idle = compiled[x.shape]
-        request = idle.pop() if idle else model.create_infer_request()
+        done: Future = Future()
+        jobs.put((x, done))
+        return done.result()
+
+    # with the last reference, or at exit before the interpreter stops threads mid-call, the thread frees the graphs
+    weakref.finalize(run, _end_thread, jobs, thread)
+    return Runner("openvino", run, metadata)
+
+
+def _end_thread(jobs: queue.SimpleQueue, thread: threading.Thread) -> None:
+    """Ask an ``_openvino_thread`` to free its graphs and end, and wait until it has."""
+    jobs.put(None)
+    thread.join()
+
+
+def _openvino_thread(path: Path, threads: int, jobs: queue.SimpleQueue, loaded: Future) -> None:
+    """Load, compile, run and free the graph at ``path`` for ``openvino_runner``, with every signal blocked.
+
+    OpenVINO's CPU plugin gives the thread that compiles a graph a signal stack of its own
+    (``sigaltstack``) and puts back the one it found when that graph is freed. Graphs freed
+    out of order, or on another thread, leave a thread's signal stack pointing at freed
+    memory, and Python's signal handlers run on it: the next SIGCHLD or SIGTERM crashed
+    the process. Here the only thread OpenVINO touches is this one, which takes no signals.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        import openvino as ov
+
+        core = ov.Core()
+        graph = core.read_model(str(path))
+        framework = graph.get_rt_info()["framework"] if "framework" in graph.get_rt_info() else {}
+        loaded.set_result({key: framework[key].astype(str) for key in framework.keys()} if framework else {})
+    except BaseException as error:  # the caller raises it
+        loaded.set_exception(error.with_traceback(None))
+        return
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    compiled: dict[tuple[int, ...], tuple[Any, Any]] = {}
+    while (job := jobs.get()) is not None:
+        x, done = job
         try:
+            if x.shape not in compiled:
+                shaped = graph.clone()
+                shaped.reshape({shaped.input(0).get_any_name(): list(x.shape)})
+                model = core.compile_model(shaped, "CPU", config)
+                compiled[x.shape] = (model, model.create_infer_request())
+            model, request = compiled[x.shape]
             results = request.infer({0: x})
             # the request reuses its output buffers on the next call
-            return [np.array(results[output]) for output in model.outputs]
-        finally:
-            idle.append(request)
-
-    return Runner("openvino", run, metadata)
+            done.set_result([np.array(results[output]) for output in model.outputs])
+        except BaseException as error:  # the caller raises it; no frame of this thread goes with it
+            done.set_exception(error.with_traceback(None))
 
 
 RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
