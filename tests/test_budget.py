@@ -40,6 +40,12 @@ def test_a_budget_sets_the_number_of_whole_epochs_that_fit():
     assert plan.total_s <= 600
 
 
+def test_a_budget_between_whole_epochs_trains_more_shorter_epochs_that_fill_it():
+    plan = plan_run(RATES, train_images=1000, val_images=200, batch_size=10, epochs=10, budget_s=16)
+    assert plan.epochs == 2 and 0.6 < plan.fraction < 0.8  # 1.4 epochs' time: not one epoch and 30% idle
+    assert plan.total_s * 1.05 == pytest.approx(16 - 0.8, rel=0.03)
+
+
 def test_a_budget_shorter_than_an_epoch_trains_validated_shares_of_it():
     plan = plan_run(RATES, train_images=100_000, val_images=2000, batch_size=50, epochs=10, budget_s=300)
     assert plan.epochs == 4 and 0 < plan.fraction < 0.1

@@ -3,8 +3,8 @@
 ``measure`` times a few training steps (data loading included) and a few
 validation batches on a throwaway copy of the model, on the device the Trainer
 will use. ``plan_run`` turns those rates into the run: with a budget, the number
-of epochs (or the share of an epoch, when one epoch does not fit) and so the
-total optimizer steps that the learning-rate schedule decays over; without one,
+of epochs and the share of the images each one trains on, so that they fill the
+budget, and so the total optimizer steps the learning-rate schedule decays over; without one,
 the time the planned epochs will take. ``TimeBudget`` keeps the plan honest while
 the run goes on: after each validation it re-plans the remaining epochs from the
 epochs measured so far and moves the schedule's end with them, so the learning
@@ -28,8 +28,10 @@ from .config import format_duration
 
 EXPORT_RESERVE = (0.05, 10.0)  # kept back for loading the best weights and writing the export: share, at most s
 SAFETY = 1.05  # epochs are planned this much longer than measured, so noise rarely pushes the last past the budget
-MAX_SUB_EPOCHS = 4
-MIN_TIMED_S = 2.0  # the shortest measurement of a rate  # when one epoch does not fit the budget: this many validated shares of it at most
+REPLAN_SAFETY = 1.02  # the same while re-planning: below SAFETY, so a run as fast as planned keeps its epochs
+MAX_IDLE = 0.1  # whole epochs leaving more of the budget than this unused give way to more, shorter epochs
+MAX_SUB_EPOCHS = 4  # when one epoch does not fit the budget: this many validated shares of it at most
+MIN_TIMED_S = 2.0  # the shortest measurement of a rate
 
 
 @dataclass(frozen=True)
@@ -155,17 +157,22 @@ def reserve(budget_s: float) -> float:
 
 def plan_run(rates: Rates, train_images: int, val_images: int, batch_size: int, epochs: int,
              budget_s: float | None) -> Plan:
-    """The run for these rates: ``epochs`` as asked, or as many whole epochs (or shares of one) as the budget holds."""
+    """The run for these rates: ``epochs`` as asked, or the epochs (whole, or shares of the images) that fill the budget."""
     plan = Plan(rates, train_images, val_images, batch_size, epochs, 1.0, budget_s)
     if budget_s is None:
         return plan
     usable = max(budget_s - reserve(budget_s), 1.0)
     whole = Plan(rates, train_images, val_images, batch_size, 1, 1.0, budget_s)
-    if whole.epoch_s * SAFETY <= usable:
-        return Plan(rates, train_images, val_images, batch_size, max(1, math.floor(usable / (whole.epoch_s * SAFETY))),
-                    1.0, budget_s)
     val_s = val_images / rates.val
     train_s = whole.epoch_s - val_s
+    fit = usable / (whole.epoch_s * SAFETY)
+    if fit >= 1:
+        if fit - math.floor(fit) <= MAX_IDLE * fit:
+            return Plan(rates, train_images, val_images, batch_size, math.floor(fit), 1.0, budget_s)
+        # e.g. 1.4 epochs' time: two epochs of 70% of the images each, not one epoch and 30% of the budget idle
+        epochs = math.ceil(fit)
+        fraction = max(batch_size / train_images, min(1.0, (usable / SAFETY / epochs - val_s) / train_s))
+        return Plan(rates, train_images, val_images, batch_size, epochs, fraction, budget_s)
     # One epoch is too long: train on a share of it, validating a few times, validation at most half the time.
     parts = max(1, min(MAX_SUB_EPOCHS, math.floor(usable / (2 * val_s)) if val_s > 0 else MAX_SUB_EPOCHS))
     fraction = max(batch_size / train_images, min(1.0, (usable / parts - val_s) / train_s))
@@ -199,7 +206,7 @@ class TimeBudget(Callback):
             return
         self._epoch_seconds.append(time.monotonic() - self._started)
         done = trainer.current_epoch + 1
-        epoch_s = SAFETY * max(self._epoch_seconds[-3:])  # the slowest recent epoch: overrunning costs more
+        epoch_s = REPLAN_SAFETY * max(self._epoch_seconds[-3:])  # the slowest recent epoch: overrunning costs more
         fits = max(0, math.floor((self.deadline - self.reserve - time.monotonic()) / epoch_s))
         epochs = trainer.strategy.broadcast(done + fits, src=0)
         if epochs == trainer.fit_loop.max_epochs:
