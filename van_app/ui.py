@@ -43,7 +43,7 @@ from starlette.middleware import Middleware
 
 from . import VARIANTS
 from .errors import first_line
-from .explain import Analysis, Heatmap, MapKind, analyse, find_map, overlay
+from .explain import COMBINED_STAGES, Analysis, Heatmap, MapKind, analyse, find_map, overlay
 from .files import is_image_file
 from .images import BadImageError, ImageLimits, ImageTooLargeError, data_url_bytes, display_size, open_image
 from .serving import (BodyLimit, LoadedModel, ModelKey, ModelStore, ResultStore, engine_name, fetch_limited,
@@ -75,7 +75,7 @@ EXPIRED = "This result has expired (results are kept for 15 minutes): classify t
 STAGE_NOTE = (
     "**Stage maps are class-agnostic**: they show where the network's Large Kernel Attention "
     "gates its features unlike everywhere else (*where the network looks*), not evidence for any class. "
-    "Pick a class below for the **evidence for that class** (Grad-CAM on the LKA attention)."
+    "Pick a class below for the **evidence for that class** (LayerCAM on what LKA passes on, `u * attn`)."
 )
 # Markdown punctuation that could start emphasis, links, autolinks, code, headings, lists, tables or math
 # ("<", ">" and "&" become entities).
@@ -230,9 +230,13 @@ def gallery_items(result: Result, style: Style) -> list[tuple[PIL.Image.Image, s
 
 
 def caption(heatmap: Heatmap) -> str:
-    """A map's title, saying when it is constant."""
+    """A map's title (the combined map's with the stages it averages), saying when it is constant."""
+    title = heatmap.title
+    if heatmap.kind is MapKind.COMBINED and heatmap.target is None:
+        stages = [str(s + 1) for s in COMBINED_STAGES]
+        title += f" = stage{'s' if len(stages) > 1 else ''} {', '.join(stages)}, the default map"
     note = " · constant map: no spatial detail, not drawn" if heatmap.constant else ""
-    return f"{heatmap.title} ({heatmap.raw.shape[1]}×{heatmap.raw.shape[0]}){note}"
+    return f"{title} ({heatmap.raw.shape[1]}×{heatmap.raw.shape[0]}){note}"
 
 
 def slider_value(result: Result, style: Style) -> tuple[PIL.Image.Image, PIL.Image.Image]:
@@ -314,7 +318,7 @@ def details(page: Page, token: str | None, style: Style) -> tuple:
 
 
 def explain_class(page: Page, label: str | None, token: str | None, style: Style) -> tuple[PIL.Image.Image, ...]:
-    """The comparison slider with the evidence for ``label`` (Grad-CAM on LKA attention), computed once."""
+    """The comparison slider with the evidence for ``label`` (LayerCAM on the gated LKA signal), computed once."""
     if token is None:
         raise page_error("Classify an image first.")
     result = page.results.get(token)
@@ -433,7 +437,7 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
         with gr.Row():
             with gr.Column(scale=1):
                 target = gr.Dropdown(choices=startup.model.labels, value=None, filterable=True, elem_id="target",
-                                     label="Evidence for class (Grad-CAM on LKA attention, computed when picked)")
+                                     label="Evidence for class (LayerCAM on the gated LKA signal, computed when picked)")
                 opacity = gr.Slider(0.0, 1.0, value=Style().opacity, step=0.05, label="Overlay opacity")
                 colormap = gr.Dropdown(list(COLORMAPS), value=Style().colormap, label="Colormap")
                 blocks = gr.Checkbox(value=False, label="Also show each block's map")
