@@ -208,6 +208,11 @@ def test_run_prints_class_table_metrics_and_export_folder(trained):
     assert f"exported to {out}" in result.stdout
 
 
+def test_run_prints_no_advertisements(trained):
+    _, _, result = trained
+    assert "Tip:" not in result.stdout + result.stderr and "litlogger" not in result.stdout + result.stderr
+
+
 def run_folder(export):
     """The run folder van-finetune keeps beside the export ``export``."""
     return export.with_name(f"{export.name}.run")

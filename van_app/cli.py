@@ -96,7 +96,7 @@ def os_error_line(error: OSError) -> str:
 
 
 def _configure_output() -> None:
-    """Our warnings as ``warning: ...`` lines; silence Lightning's hints that do not apply to small data sets."""
+    """Our warnings as ``warning: ...`` lines; silence Lightning's hints that miss small data sets, and its ads."""
     handler = logging.StreamHandler()
     handler.setLevel(logging.WARNING)  # Lightning's INFO lines keep their own handler and prefix
     logging.basicConfig(format="warning: %(message)s", handlers=[handler])  # no-op when logging is configured
@@ -104,6 +104,8 @@ def _configure_output() -> None:
                  ".*exists and is not empty.*", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
                  ".*your dataloader is not resumable.*"):
         warnings.filterwarnings("ignore", hint)
+    # Lightning's advertisements for its cloud services ("💡 Tip: ... try installing litlogger")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "💡 Tip" not in r.getMessage())
 
 
 def prepare_folders(config: FinetuneConfig) -> Path | None:
