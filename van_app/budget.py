@@ -5,10 +5,11 @@ validation batches on a throwaway copy of the model, on the device the Trainer
 will use. ``plan_run`` turns those rates into the run: with a budget, the number
 of epochs and the share of the images each one trains on, so that they fill the
 budget, and so the total optimizer steps the learning-rate schedule decays over; without one,
-the time the planned epochs will take. ``TimeBudget`` keeps the plan honest while
-the run goes on: after each validation it re-plans the remaining epochs from the
-epochs measured so far and moves the schedule's end with them, so the learning
-rate reaches its floor when the time is up, not before or after.
+the time the planned epochs will take. ``TimeBudget`` keeps the run honest while
+it goes on: after every step it moves the schedule's end to the steps that still
+fit at the pace measured so far, and stops the run when none do, so the learning
+rate reaches its floor when the time is up, not before or after, however the
+machine's speed changes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from .config import format_duration
 
 EXPORT_RESERVE = (0.05, 10.0)  # kept back for loading the best weights and writing the export: share, at most s
 SAFETY = 1.05  # epochs are planned this much longer than measured, so noise rarely pushes the last past the budget
-REPLAN_SAFETY = 1.02  # the same while re-planning: below SAFETY, so a run as fast as planned keeps its epochs
 MAX_IDLE = 0.1  # whole epochs leaving more of the budget than this unused give way to more, shorter epochs
 MAX_SUB_EPOCHS = 4  # when one epoch does not fit the budget: this many validated shares of it at most
 MIN_TIMED_S = 2.0  # the shortest measurement of a rate
@@ -180,42 +180,61 @@ def plan_run(rates: Rates, train_images: int, val_images: int, batch_size: int, 
 
 
 class TimeBudget(Callback):
-    """Keeps a run inside its time budget: re-plans the remaining epochs after each validation, moves the LR's end.
+    """Keeps a run inside its time budget, with the learning-rate schedule ending when the time does.
 
-    The deadline counts from when the command started. Only the main process
-    decides; the others take its decision, so every process stops together.
+    After every optimizer step the main process counts the steps left before the
+    deadline (less the export reserve and the validations still to come) at the pace
+    measured so far, and moves the schedule's end there; when none are left it stops
+    the run, and Lightning validates once more, so the best weights are kept. A run
+    slower or faster than planned, from other load on the machine say, keeps training
+    until the deadline with its schedule finishing on time. The deadline counts from
+    when the command started; the other processes take the main process's decision.
     """
 
     def __init__(self, deadline: float, plan: Plan) -> None:
         self.deadline = deadline  # time.monotonic() at which the export must be done
         self.plan = plan
         self.reserve = reserve(plan.budget_s or 0.0)
-        self._started = 0.0
-        self._epoch_seconds: list[float] = []
+        self.val_s = plan.val_images / plan.rates.val  # one validation's seconds, measured again at each
+        self.step_s = plan.batch_size / plan.rates.train  # one optimizer step's seconds, measured as the run goes
+        self._mark: tuple[float, int] | None = None  # (time, global step) where training last resumed
+        self._epoch_start = 0  # global step at the start of this epoch
+        self._validating = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.fit_loop.max_epochs = max(trainer.fit_loop.max_epochs or 1, 10**6)  # the deadline ends the run
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._started = time.monotonic()
+        self._epoch_start = trainer.global_step
+        self._mark = (time.monotonic(), trainer.global_step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if time.monotonic() > self.deadline - self.reserve:  # far slower than planned: stop, keep the best so far
+        now, step = time.monotonic(), trainer.global_step
+        if self._mark is not None and step - self._mark[1] >= 3:  # the pace since training last resumed
+            self.step_s = (now - self._mark[0]) / (step - self._mark[1])
+        left = self.steps_left(now, step - self._epoch_start)
+        end = trainer.strategy.broadcast(step + left if left >= 1 else None, src=0)
+        if end is None:
             trainer.should_stop = True
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not self._started:
             return
-        self._epoch_seconds.append(time.monotonic() - self._started)
-        done = trainer.current_epoch + 1
-        epoch_s = REPLAN_SAFETY * max(self._epoch_seconds[-3:])  # the slowest recent epoch: overrunning costs more
-        fits = max(0, math.floor((self.deadline - self.reserve - time.monotonic()) / epoch_s))
-        epochs = trainer.strategy.broadcast(done + fits, src=0)
-        if epochs == trainer.fit_loop.max_epochs:
-            return
-        trainer.fit_loop.max_epochs = epochs
-        end = trainer.global_step + (epochs - done) * self.plan.steps_per_epoch
         for config in trainer.lr_scheduler_configs:
             for schedule in getattr(config.scheduler, "lr_lambdas", []):
                 if hasattr(schedule, "total_steps"):
-                    schedule.total_steps = end
-        if epochs <= done:
-            trainer.should_stop = True
+                    schedule.total_steps = max(int(end), step + 1)
+
+    def steps_left(self, now: float, into_epoch: int) -> float:
+        """Optimizer steps that fit before the deadline: less the reserve, the final validation and one per epoch end."""
+        left = self.deadline - self.reserve - now - self.val_s
+        steps = max(0.0, left / self.step_s)
+        ends = math.floor((into_epoch + steps) / self.plan.steps_per_epoch)
+        return max(0.0, (left - ends * self.val_s) / self.step_s)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validating = time.monotonic()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not self._validating:
+            return
+        self.val_s = time.monotonic() - self._validating
+        self._mark = (time.monotonic(), trainer.global_step)

@@ -375,7 +375,9 @@ def _export_and_report(config: FinetuneConfig, module: Any, dm: Any, best_path: 
     model.load_state_dict(model_state(checkpoint))
     report = checkpoint.get("van_app", {}).get("val_report") or module.val_report
     extra = {"best_epoch": report.get("epoch"), "best_step": report.get("step"), "epochs": module.current_epoch,
-             "images_seen": module.images_seen, "wall_time_s": round(module.wall_time_s(), 2), **module.test_report}
+             "images_seen": module.images_seen, "wall_time_s": round(module.wall_time_s(), 2),
+             "final_lr": max((g["lr"] for o in module.trainer.optimizers for g in o.param_groups), default=None),
+             **module.test_report}
     training_args, command = training_record(config, module.lr)
     run = RunInfo(data_name=dm.data_dir.name, data_summary=dm.summary(), command=command,
                   training_args=training_args, license=config.output.license, base_model=base.base_model,
