@@ -143,7 +143,7 @@ def test_predict_returns_top_k_labels_and_overlays(client, tmp_path):
     labels, gallery = client.predict(handle_file(shape_image(tmp_path / "disc.png")), api_name="/predict")
     assert len(labels["confidences"]) == 5
     assert [item["caption"].split(" (")[0] for item in gallery] == ["Stage 1", "Stage 2", "Stage 3", "Stage 4",
-                                                                     "Combined = stage 1, the default map"]
+                                                                     "Combined: stage 1"]
     with Image.open(gallery[-1]["image"]) as overlay:
         assert overlay.size == (80, 48) and overlay.mode == "RGB" and overlay.format == "JPEG"
 

@@ -289,6 +289,16 @@ def test_overlay_colours_only_inside_the_crop(model):
     assert columns.min() >= 26 and columns.max() <= 69 and rows.min() >= 3 and rows.max() <= 45
 
 
+def test_overlay_leaves_pixels_where_the_map_is_zero_as_they_are(model):
+    image = _off_centre((64, 64))
+    raw = np.zeros((16, 16), np.float32)
+    raw[4:8, 4:8] = 1.0
+    spot = Heatmap(MapKind.STAGE, raw, raw, 4, False, stage=0)
+    out = np.asarray(overlay(image, spot, input_geometry(model, image.size), opacity=1.0)).astype(int)
+    changed = np.abs(out - np.asarray(image).astype(int)).sum(-1) > 0
+    assert changed[20:28, 20:28].all() and not changed[:, 40:].any() and not changed[40:].any()
+
+
 def test_overlay_opacity_and_colormap_change_the_result(model):
     image = _off_centre()
     analysis = analyse(model, image)

@@ -420,7 +420,12 @@ def _palette(colormap: str) -> bytes:
 
 def overlay(image: Image.Image, heatmap: Heatmap, geometry: Geometry, colormap: str = "turbo",
             opacity: float = 0.5, max_side: int | None = None) -> Image.Image:
-    """``image`` (RGB, at most ``max_side``) with ``heatmap`` blended in where the model saw it (constant: as is)."""
+    """``image`` (RGB, at most ``max_side``) with ``heatmap`` blended in where the model saw it (constant: as is).
+
+    Each pixel takes the map's colour in proportion to the map's value there times
+    ``opacity``: where the map is 0 the image shows as it is, not dimmed by the
+    colormap's low end, so only what the map points at is coloured.
+    """
     size = display_size(image.size, max_side)
     base = image if image.mode == "RGB" else to_rgb(image)
     base = base.resize(size, Image.BILINEAR) if base.size != size else base.copy()
@@ -429,7 +434,6 @@ def overlay(image: Image.Image, heatmap: Heatmap, geometry: Geometry, colormap: 
     patch, box = _render_crop(heatmap, geometry, size)
     if patch.size == 0:
         return base
-    region = base.crop(box)
-    colours = colorize(patch, colormap)
-    base.paste(Image.blend(region, colours, min(1.0, float(opacity))), box)
+    weight = Image.fromarray(np.rint(255 * min(1.0, float(opacity)) * patch).astype(np.uint8), "L")
+    base.paste(Image.composite(colorize(patch, colormap), base.crop(box), weight), box)
     return base

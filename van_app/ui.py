@@ -88,7 +88,7 @@ class Style:
     """How overlays are drawn."""
 
     colormap: str = "turbo"
-    opacity: float = 0.5
+    opacity: float = 0.8
     blocks: bool = False
 
 
@@ -234,7 +234,7 @@ def caption(heatmap: Heatmap) -> str:
     title = heatmap.title
     if heatmap.kind is MapKind.COMBINED and heatmap.target is None:
         stages = [str(s + 1) for s in COMBINED_STAGES]
-        title += f" = stage{'s' if len(stages) > 1 else ''} {', '.join(stages)}, the default map"
+        title += f": stage{'s' if len(stages) > 1 else ''} {', '.join(stages)}"
     note = " · constant map: no spatial detail, not drawn" if heatmap.constant else ""
     return f"{title} ({heatmap.raw.shape[1]}×{heatmap.raw.shape[0]}){note}"
 
