@@ -443,6 +443,7 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
                 blocks = gr.Checkbox(value=False, label="Also show each block's map")
             with gr.Column(scale=2):
                 compare = gr.ImageSlider(type="pil", max_height=420, format="jpeg", elem_id="compare",
+                                         slider_position=25,  # the overlay takes three quarters at first
                                          label="Original ↔ overlay (combined map, or the class's evidence)")
         with gr.Accordion("Model", open=False):
             picker = gr.Radio(choices, value=DEFAULT_CHOICE, label="Model")
