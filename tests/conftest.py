@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 # The smallest useful fine-tuning run: the registered few-thousand-parameter VAN on 32 px images.
 TINY_RUN = ["--model", "van_micro", "--pretrained", "none", "--img-size", "32", "--batch-size", "4",
@@ -211,6 +213,14 @@ def stop_app(process: subprocess.Popen) -> None:
     """Terminate an app started by ``serve_app`` and reap it."""
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict[str, torch.Tensor]:
+    """The fixed 224 px input (``tests/fixtures``) and each peer's logits and pooled features for it."""
+    tensors = load_file(ROOT / "tests" / "fixtures" / "reference.safetensors")
+    tensors["input"] = tensors["input"].float()
+    return tensors
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from van_app.attention import attention_pass, block_keys
 from van_app.cache import MAX_AGE_DAYS, cache_dir, model_digest
 from van_app import engines
 from van_app.engines import EngineModel, Runner, fastest, installed_engines
-from van_app.explain import MapKind, analyse, find_map
+from van_app.explain import analyse, find_map
 from van_app.fold import fold
 from van_app.onnx_export import export_onnx, read_metadata
 

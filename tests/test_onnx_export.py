@@ -9,7 +9,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from van_app import export_onnx, load_model
 from van_app.attention import attention_pass
@@ -24,14 +23,6 @@ OFFICIAL = FIXTURES / "official_tiny.pth.tar"
 def official() -> torch.nn.Module:
     """The tiny VAN the official implementation made, loaded from its checkpoint."""
     return load_model(str(OFFICIAL))
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict[str, torch.Tensor]:
-    """The fixed 224 px input and the official implementation's logits for it."""
-    tensors = load_file(FIXTURES / "reference.safetensors")
-    tensors["input"] = tensors["input"].float()
-    return tensors
 
 
 @pytest.fixture(scope="module")

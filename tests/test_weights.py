@@ -40,14 +40,6 @@ def to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[str, torch.Tensor]:
-    """The fixed 224 px input and each peer's logits and pooled features for it."""
-    tensors = load_file(FIXTURES / "reference.safetensors")
-    tensors["input"] = tensors["input"].float()
-    return tensors
-
-
-@pytest.fixture(scope="module")
 def official_raw() -> dict[str, torch.Tensor]:
     return torch.load(OFFICIAL, map_location="cpu", weights_only=True)["state_dict"]
 
