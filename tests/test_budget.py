@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import TINY_RUN, make_image_folders
-from van_app.budget import Plan, Rates, measure, plan_run
+from van_app.budget import Plan, Rates, TimeBudget, measure, plan_run
 from van_app.config import TrainConfig, default_threads, default_workers, format_duration, parse_duration
 from van_app.weights import load_model
 
@@ -49,6 +49,27 @@ def test_a_budget_shorter_than_an_epoch_trains_validated_shares_of_it():
     plan = plan_run(RATES, train_images=100_000, val_images=2000, batch_size=50, epochs=10, budget_s=300)
     assert plan.epochs == 4 and 0 < plan.fraction < 0.1
     assert plan.total_s == pytest.approx(300 - 10, rel=0.02)
+
+
+def _budget(seconds_left: float, steps_per_epoch: int = 10, step_s: float = 1.0, val_s: float = 5.0) -> TimeBudget:
+    """A TimeBudget with ``seconds_left`` until its deadline (no reserve) at the given pace, as of time 0."""
+    plan = Plan(Rates(train=1.0, val=1.0), train_images=steps_per_epoch, val_images=5, batch_size=1, epochs=1,
+                fraction=1.0, budget_s=None)
+    budget = TimeBudget(seconds_left, plan)
+    budget.step_s, budget.val_s = step_s, val_s
+    return budget
+
+
+def test_a_budget_counts_one_validation_for_each_epoch_begun():
+    # 40 s at 1 s per step, 5 s per validation, 10 steps per epoch, at an epoch's last step: two more epochs and
+    # their validations (30 s); a third epoch's first 5 steps would need a third validation (41 s)
+    assert _budget(40.0).steps_left(now=0.0, into_epoch=10) == 20
+    # with 45 s, 5 steps into a third epoch, stopped there with one more validation
+    assert _budget(45.0).steps_left(now=0.0, into_epoch=10) == 25
+
+
+def test_a_budget_with_no_time_for_a_validation_has_no_steps_left():
+    assert _budget(4.0).steps_left(now=0.0, into_epoch=3) == 0
 
 
 def test_the_plan_line_says_speed_time_per_epoch_total_and_how_to_shorten_it():

@@ -224,11 +224,18 @@ class TimeBudget(Callback):
                     schedule.total_steps = max(int(end), step + 1)
 
     def steps_left(self, now: float, into_epoch: int) -> float:
-        """Optimizer steps that fit before the deadline: less the reserve, the final validation and one per epoch end."""
-        left = self.deadline - self.reserve - now - self.val_s
-        steps = max(0.0, left / self.step_s)
-        ends = math.floor((into_epoch + steps) / self.plan.steps_per_epoch)
-        return max(0.0, (left - ends * self.val_s) / self.step_s)
+        """Optimizer steps that fit before the deadline (less the reserve), counting one validation per epoch
+        begun: each epoch ends with one, and so does a run stopped inside an epoch."""
+        seconds = self.deadline - self.reserve - now
+        per_epoch = self.plan.steps_per_epoch
+        best = 0.0
+        for k in range(1, 10_000):  # k validations to come: the steps end in the k-th epoch from here
+            if seconds < k * self.val_s:
+                break
+            steps = min(k * per_epoch - into_epoch, (seconds - k * self.val_s) / self.step_s)
+            if steps > (k - 1) * per_epoch - into_epoch:
+                best = max(best, steps)
+        return best
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._validating = time.monotonic()
