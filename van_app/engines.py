@@ -104,20 +104,32 @@ def openvino_runner(path: Path, threads: int) -> Runner:
     """OpenVINO on the CPU (``threads`` threads, latency hint, f32) running the graph at ``path``.
 
     The graph is compiled for each input shape on its first call: OpenVINO runs a static
-    batch size faster than a dynamic one (about 6% for van_b0). Every OpenVINO call runs on
-    one thread of the runner's own (``_openvino_thread``), so calls take turns.
+    batch size faster than a dynamic one (about 6% for van_b0). An infer request serves
+    one call at a time, so concurrent calls each take one from a pool. Compiling and
+    freeing happen on a thread of the runner's own (``_openvino_thread``); inference runs
+    on the caller's thread.
     """
     jobs: queue.SimpleQueue = queue.SimpleQueue()
     loaded: Future = Future()
-    thread = threading.Thread(target=_openvino_thread, args=(path, threads, jobs, loaded), name="openvino",
-                              daemon=True)
+    pools: dict[tuple[int, ...], list[Any]] = {}  # idle infer requests per input shape; the thread empties it
+    thread = threading.Thread(target=_openvino_thread, args=(path, threads, jobs, loaded, pools),
+                              name="openvino", daemon=True)
     thread.start()
     metadata = loaded.result()
 
     def run(x: np.ndarray) -> list[np.ndarray]:
-        done: Future = Future()
-        jobs.put((x, done))
-        return done.result()
+        idle = pools.get(x.shape)
+        request = idle.pop() if idle else None
+        if request is None:
+            made: Future = Future()
+            jobs.put((x.shape, made))
+            request = made.result()
+        try:
+            results = request.infer({0: x})
+            # the request reuses its output buffers on the next call
+            return [np.array(results[i]) for i in range(len(results))]
+        finally:
+            pools.setdefault(x.shape, []).append(request)
 
     # with the last reference, or at exit before the interpreter stops threads mid-call, the thread frees the graphs
     weakref.finalize(run, _end_thread, jobs, thread)
@@ -130,14 +142,16 @@ def _end_thread(jobs: queue.SimpleQueue, thread: threading.Thread) -> None:
     thread.join()
 
 
-def _openvino_thread(path: Path, threads: int, jobs: queue.SimpleQueue, loaded: Future) -> None:
-    """Load, compile, run and free the graph at ``path`` for ``openvino_runner``, with every signal blocked.
+def _openvino_thread(path: Path, threads: int, jobs: queue.SimpleQueue, loaded: Future,
+                     pools: dict[tuple[int, ...], list[Any]]) -> None:
+    """Load and compile the graph at ``path`` for ``openvino_runner``, hand out infer requests, and free them all at
+    the end, with every signal blocked.
 
     OpenVINO's CPU plugin gives the thread that compiles a graph a signal stack of its own
     (``sigaltstack``) and puts back the one it found when that graph is freed. Graphs freed
     out of order, or on another thread, leave a thread's signal stack pointing at freed
     memory, and Python's signal handlers run on it: the next SIGCHLD or SIGTERM crashed
-    the process. Here the only thread OpenVINO touches is this one, which takes no signals.
+    the process. Here the only thread that compiles and frees is this one, which takes no signals.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
@@ -151,21 +165,19 @@ def _openvino_thread(path: Path, threads: int, jobs: queue.SimpleQueue, loaded: 
         loaded.set_exception(error.with_traceback(None))
         return
     config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-    compiled: dict[tuple[int, ...], tuple[Any, Any]] = {}
+    compiled: dict[tuple[int, ...], Any] = {}
     while (job := jobs.get()) is not None:
-        x, done = job
+        shape, made = job
         try:
-            if x.shape not in compiled:
+            if shape not in compiled:
                 shaped = graph.clone()
-                shaped.reshape({shaped.input(0).get_any_name(): list(x.shape)})
-                model = core.compile_model(shaped, "CPU", config)
-                compiled[x.shape] = (model, model.create_infer_request())
-            model, request = compiled[x.shape]
-            results = request.infer({0: x})
-            # the request reuses its output buffers on the next call
-            done.set_result([np.array(results[output]) for output in model.outputs])
+                shaped.reshape({shaped.input(0).get_any_name(): list(shape)})
+                compiled[shape] = core.compile_model(shaped, "CPU", config)
+            made.set_result(compiled[shape].create_infer_request())
         except BaseException as error:  # the caller raises it; no frame of this thread goes with it
-            done.set_exception(error.with_traceback(None))
+            made.set_exception(error.with_traceback(None))
+    pools.clear()
+    compiled.clear()
 
 
 RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
