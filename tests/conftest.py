@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -193,13 +194,16 @@ def serve_app(model: str, env: dict[str, str] | None = None, timeout: float = 12
         port = s.getsockname()[1]
     full_env = dict(os.environ, VAN_MODEL=model, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
                     GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", **(env or {}))
+    # its output goes to a file: a pipe nobody reads fills up in a long session and the server blocks on its next line
+    log = tempfile.TemporaryFile("w+")
     process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=full_env, preexec_fn=_end_with_parent,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"app.py exited with {process.returncode}:\n{process.stdout.read()}")
+            log.seek(0)
+            raise RuntimeError(f"app.py exited with {process.returncode}:\n{log.read()}")
         try:
             urllib.request.urlopen(url, timeout=2).close()
             return process, url
