@@ -100,6 +100,8 @@ from van_app.localization import (
     blurred,
     bootstrap_ci,
     border_share,
+    centre_gaussian,
+    centroid_offset,
     deletion_insertion,
     mass_in_mask,
     paired_comparison,
@@ -175,13 +177,6 @@ class Scores:
 
 
 # ---------------------------------------------------------------- data
-
-
-def centroid_offset(mask: np.ndarray) -> float:
-    """How far the mask's centroid is from the frame's centre: the larger axis distance over the shorter side."""
-    ys, xs = np.nonzero(mask)
-    h, w = mask.shape
-    return max(abs(xs.mean() + 0.5 - w / 2), abs(ys.mean() + 0.5 - h / 2)) / min(h, w)
 
 
 def split_samples(split: str, seed: int, n: int, size: int) -> list[Sample]:
@@ -349,13 +344,6 @@ def contrast_map(sample: Sample) -> np.ndarray:
     image = torch.from_numpy(sample.image).permute(2, 0, 1).float() / 255
     smooth = blurred(image, 1.0 / min(image.shape[-2:]))
     return (smooth - image.mean((1, 2), keepdim=True)).norm(dim=0).numpy()
-
-
-def centre_gaussian(shape: tuple[int, int]) -> np.ndarray:
-    """A Gaussian at the frame's centre with a standard deviation of a quarter of each side."""
-    h, w = shape
-    yy, xx = np.mgrid[0:h, 0:w] + 0.5
-    return np.exp(-(((yy - h / 2) / (h / 4)) ** 2 + ((xx - w / 2) / (w / 4)) ** 2) / 2)
 
 
 def dataset_mean(maps: list[Heatmap]) -> Heatmap:

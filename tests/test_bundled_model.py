@@ -10,7 +10,7 @@ from PIL import Image
 
 from van_app import load_model, predict
 from van_app.explain import MapKind, analyse, find_map, input_geometry, render
-from van_app.localization import mass_in_mask
+from van_app.localization import centre_gaussian, centroid_offset, mass_in_mask
 from van_app.synthetic import HELD_OUT, PLACEMENTS, SHAPES, Scene, generate
 
 BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints" / "van-b0-shapes"
@@ -56,19 +56,6 @@ def test_bundled_model_classifies_fresh_images_of_each_promised_set(model, name)
     assert correct >= len(samples) - 1  # the benchmark measures 0.98 or more on 3,000 images of each set
 
 
-def _offset(mask: np.ndarray) -> float:
-    """How far the mask's centroid is from the frame's centre, over the shorter side (0.5: at an edge)."""
-    ys, xs = np.nonzero(mask)
-    h, w = mask.shape
-    return max(abs(xs.mean() + 0.5 - w / 2), abs(ys.mean() + 0.5 - h / 2)) / min(h, w)
-
-
-def _centre_gaussian(shape: tuple[int, int]) -> np.ndarray:
-    """The centre prior: a Gaussian at the frame's centre, a quarter of each side wide."""
-    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]] + 0.5
-    return np.exp(-(((yy - shape[0] / 2) / (shape[0] / 4)) ** 2 + ((xx - shape[1] / 2) / (shape[1] / 4)) ** 2) / 2)
-
-
 @pytest.mark.parametrize("placements, offsets", [(("uniform",), (0.0, 0.1)), (PLACEMENTS, (0.25, 0.5))],
                          ids=["centred", "off-centre"])
 def test_bundled_models_default_map_beats_the_centre_prior_on_mass_in_the_object(model, placements, offsets):
@@ -76,11 +63,11 @@ def test_bundled_models_default_map_beats_the_centre_prior_on_mass_in_the_object
     ours, prior = [], []
     for shape in SHAPES:
         samples = (generate(shape, index, 112, SEED, scene) for index in range(60))
-        for sample in [s for s in samples if s.mask.any() and offsets[0] <= _offset(s.mask) <= offsets[1]][:4]:
+        for sample in [s for s in samples if s.mask.any() and offsets[0] <= centroid_offset(s.mask) <= offsets[1]][:4]:
             analysis = analyse(model, Image.fromarray(sample.image))
             shown, _ = render(find_map(analysis.maps, MapKind.COMBINED), analysis.geometry)
             ours.append(mass_in_mask(shown, sample.mask))
-            prior.append(mass_in_mask(_centre_gaussian(sample.mask.shape), sample.mask))
+            prior.append(mass_in_mask(centre_gaussian(sample.mask.shape), sample.mask))
     assert len(ours) == 4 * len(SHAPES)
     # a map blind to the object scores the object's area share; the benchmark: 0.36 vs 0.25 centred, 0.29 vs 0.07 off
     assert np.mean(ours) > 1.2 * np.mean(prior)

@@ -28,6 +28,8 @@ the mask's size first). Higher map values mean "more important".
   started from a normalised-convolution fill) plus Gaussian noise, so the filled
   region carries no trace of the removal mask's shape for the model to read. Scores
   per share: the target's probability; the summary ``LeRF - MoRF`` (higher is better).
+- ``centre_gaussian`` is the centre prior, a baseline map that knows nothing of the image;
+  ``centroid_offset`` says how far an object sits from the frame's centre.
 - ``bootstrap_ci`` and ``paired_comparison`` summarise per-image scores; ``rank_correlation``
   (Spearman) compares two maps, e.g. before and after randomising the model.
 """
@@ -100,6 +102,20 @@ def border_share(saliency: np.ndarray, fraction: float = BORDER_FRACTION) -> tup
     total = saliency.sum()
     area = float(band.mean())
     return (float(saliency[band].sum() / total) if total > 0 else area), area
+
+
+def centroid_offset(mask: np.ndarray) -> float:
+    """How far the mask's centroid is from the frame's centre: the larger axis distance over the shorter side."""
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    return max(abs(xs.mean() + 0.5 - w / 2), abs(ys.mean() + 0.5 - h / 2)) / min(h, w)
+
+
+def centre_gaussian(shape: tuple[int, int]) -> np.ndarray:
+    """A Gaussian at the frame's centre with a standard deviation of a quarter of each side."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    return np.exp(-(((yy - h / 2) / (h / 4)) ** 2 + ((xx - w / 2) / (w / 4)) ** 2) / 2)
 
 
 def mass_in_mask(saliency: np.ndarray, mask: np.ndarray) -> float:
