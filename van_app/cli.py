@@ -25,6 +25,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -397,6 +398,16 @@ def _export_and_report(config: FinetuneConfig, module: Any, dm: Any, best_path: 
     return 0
 
 
+def _one_line_errors(work: Callable[[], int]) -> int:
+    """``work()``'s exit code; a user error, a missing file or another OS error as one line and exit code 2."""
+    try:
+        return work()
+    except (*USER_ERRORS, FileNotFoundError) as e:
+        return _fail(first_line(e))
+    except OSError as e:
+        return _fail(os_error_line(e))
+
+
 def build_push_parser() -> ArgumentParser:
     """The ``van-push`` argument parser."""
     from .config import REPO_ID
@@ -441,12 +452,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     """``van-predict MODEL PATH...``: classify in batches, write the CSV, print a summary; one-line errors exit 2."""
     args = build_predict_parser().parse_args(argv)
     config = from_namespace(PredictConfig, args)
-    try:
-        return _predict(args.model, args.paths, config)
-    except (*USER_ERRORS, FileNotFoundError) as e:
-        return _fail(first_line(e))
-    except OSError as e:
-        return _fail(os_error_line(e))
+    return _one_line_errors(lambda: _predict(args.model, args.paths, config))
 
 
 def build_export_onnx_parser() -> ArgumentParser:
@@ -467,16 +473,16 @@ def build_export_onnx_parser() -> ArgumentParser:
 def export_onnx_main(argv: list[str] | None = None) -> int:
     """``van-export-onnx MODEL OUTPUT``: write the file, check it in ONNX Runtime; one-line errors exit 2."""
     args = build_export_onnx_parser().parse_args(argv)
+    return _one_line_errors(lambda: _export_onnx(args))
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    """The van-export-onnx run."""
     from .onnx_export import export_onnx, verify_export
     from .weights import load_model
 
-    try:
-        model = load_model(args.model, pretrained=args.pretrained)
-        export_onnx(model, args.output, maps=args.maps)
-    except (*USER_ERRORS, FileNotFoundError) as e:
-        return _fail(first_line(e))
-    except OSError as e:
-        return _fail(os_error_line(e))
+    model = load_model(args.model, pretrained=args.pretrained)
+    export_onnx(model, args.output, maps=args.maps)
     difference = verify_export(model, args.output)
     if not difference <= 1e-4:
         return _fail(f"{args.output}: ONNX Runtime's logits differ from PyTorch's by {difference:.3g}", code=1)
