@@ -158,18 +158,19 @@ def test_openvino_graphs_freed_out_of_order_leave_the_signal_stack_as_it_was(mic
     path = tmp_path / "micro.onnx"
     export_onnx(micro, path)
     x = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    existing = set(threading.enumerate())
     first, second = engines.openvino_runner(path, 1), engines.openvino_runner(path, 1)
-    threads = threading.active_count()
+    own = [t for t in threading.enumerate() if t not in existing and t.name == "openvino"]
+    assert len(own) == 2
     first(x), second(x)
     del first
     gc.collect()
     del second
     gc.collect()
     assert _signal_stack() == before
-    deadline = time.monotonic() + 5
-    while threading.active_count() > threads - 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert threading.active_count() == threads - 2
+    for thread in own:  # each runner's thread ended with it
+        thread.join(timeout=5)
+        assert not thread.is_alive()
 
 
 def test_the_built_graph_is_cached_and_loaded_without_exporting_again(micro, cache, monkeypatch):
