@@ -10,9 +10,11 @@ cut off by the frame or beside distractor shapes of other classes; offset at lea
 
 Methods, all drawn as the app draws them (``explain.render`` on the original image):
 
-- the app's maps (``explain``): class-agnostic stage maps and their combination (the
-  page's default map), class maps (Grad-CAM on the gated LKA signal against the
-  reference's, folded model), and for selection other stage subsets and class rules;
+- the app's maps (``explain``): the page's default map, the evidence for the
+  predicted class (LayerCAM on the gated LKA signal against the reference's, from
+  the same pass as the prediction), the class map for the true class, class-agnostic
+  stage maps and their combination (the gallery's), and for selection other stage
+  subsets and class rules;
 - before: the app's previous maps (departure of ``attn`` alone, min-max display, and
   Grad-CAM on ``attn``), reproduced here;
 - baselines at matching resolution: Grad-CAM and LayerCAM (``grad-cam`` package) on
@@ -43,9 +45,10 @@ its area share of the mass, or the map is flagged), ablation against the random 
 true class's map and the runner-up's must differ, Spearman below 0.9).
 
 Selection on the validation seed (mean of pointing game and mass in mask over both
-splits): the stage subset of the default map and the class rule; the app's constants
-are compared with the choice. Timing: the prediction, the maps pass, old and new
-class maps, interleaved, one thread.
+splits): the stage subset of the class-agnostic combined map and the class rule and
+stages of the evidence; the app's constants are compared with the choice. Timing: the
+prediction, the page's pass (maps and evidence), old class maps and class maps for any
+class, interleaved, one thread.
 
     python benchmarks/heatmaps.py --model checkpoints/van-b0-shapes --out runs/heatmaps
 """
@@ -75,10 +78,8 @@ from sklearn.datasets import load_sample_images
 
 from van_app import VAN, fuse, load_model, preprocess
 from van_app.attention import attention_pass, capture_gated, reference
+from van_app.attention import CLASS_RULE, CLASS_RULES, CLASS_STAGES
 from van_app.explain import (
-    CLASS_RULE,
-    CLASS_RULES,
-    CLASS_STAGES,
     COMBINED_STAGES,
     Geometry,
     Heatmap,
@@ -87,7 +88,7 @@ from van_app.explain import (
     combine,
     find_map,
     input_geometry,
-    maps_of_stages,
+    maps_of_pass,
     normalise,
     overlay,
     render,
@@ -122,14 +123,15 @@ SPLITS = {
     "off-centre": (Scene((0.25, 0.6), TRAINING_SCENE.aspect, ("cluttered", "plain"), PLACEMENTS),
                    lambda offset: offset >= OFF_CENTRE_MIN),
 }
-DEFAULT = "combined"  # the page's default map
+DEFAULT = "default: evidence"  # the page's default map: the evidence for the predicted class
+AGNOSTIC = "combined"  # the class-agnostic combined map (the gallery's)
 SUBSETS = {"stage 1": (0,), "combined 1-2": (0, 1), "combined 1-3": (0, 1, 2), "combined 1-4": (0, 1, 2, 3),
            "combined 1+3": (0, 2)}
 BASELINES = ("Grad-CAM s1", "Grad-CAM s2", "LayerCAM s1", "LayerCAM s2", "EigenCAM s3", "SmoothGrad", "dataset mean",
              "contrast (no network)", "centre Gaussian", "uniform", "random")
 BROKEN = "broken: inverted"
 # Compared with every baseline in the paired tables; scored for faithfulness (with the broken map and the baselines).
-HEADLINE = (DEFAULT, "class combined", "stage 1", "old stage 1", "old combined")
+HEADLINE = (DEFAULT, "class combined", AGNOSTIC, "old stage 1", "old combined")
 FAITHFULNESS = HEADLINE + ("Grad-CAM s1", "Grad-CAM s2", "LayerCAM s1", "LayerCAM s2", "SmoothGrad", "centre Gaussian",
                            "contrast (no network)", "random", BROKEN)
 ABLATION_SHARES = (0.0, 0.1, 0.2, 0.3, 0.5)
@@ -233,20 +235,22 @@ def input_map(values: np.ndarray, kind: MapKind = MapKind.BLOCK) -> Heatmap:
 
 def app_maps(model: torch.nn.Module, folded: torch.nn.Module, samples: list[Sample], batch: int,
              candidates: bool = False) -> tuple[dict[str, list[Heatmap]], list[int]]:
-    """The app's class-agnostic maps (each stage, the default and other subsets) and class maps for the true class
-    (with ``candidates``: every rule and stage subset), as heatmaps; and the predicted class of each image."""
+    """The app's maps: the default (the evidence for the predicted class), the class-agnostic ones (each stage, the
+    combined map and other subsets) and class maps for the true class (with ``candidates``: every rule and stage
+    subset), as heatmaps; and the predicted class of each image."""
     strides = [info["reduction"] for info in model.feature_info]
     maps: dict[str, list[Heatmap]] = {}
     predicted: list[int] = []
     for part in chunks(samples, batch):
         images = pictures(part)
         with torch.inference_mode():
-            logits, block_maps = attention_pass(folded, batch_of(model, images))
-        predicted += logits.argmax(-1).tolist()
+            result = attention_pass(folded, batch_of(model, images))
+        predicted += result.logits.argmax(-1).tolist()
         for i, (image, sample) in enumerate(zip(images, part)):
-            stages = maps_of_stages({key: m[i] for key, m in block_maps.items()}, strides)
+            stages, shown_evidence = maps_of_pass(result, i, strides)
             found = {f"stage {s + 1}": find_map(stages, MapKind.STAGE, s) for s in range(len(strides))}
-            found[DEFAULT] = find_map(stages, MapKind.COMBINED)
+            found[AGNOSTIC] = find_map(stages, MapKind.COMBINED)
+            found[DEFAULT] = find_map(shown_evidence, MapKind.COMBINED)
             found.update({name: combine(stages[:-1], subset, absolute=True) for name, subset in SUBSETS.items()
                           if name not in found})
             for rule in CLASS_RULES if candidates else (CLASS_RULE,):
@@ -503,7 +507,7 @@ def paired_rows(results: dict[str, dict[str, Scores]], cfg: Config) -> list[dict
     """The default map minus each baseline per split and metric (deletion and ablation signs flipped: > 0 is better)."""
     rows = []
     for split, per_method in results.items():
-        for other in (*BASELINES, "old stage 1", "old combined", "class combined", "stage 1"):
+        for other in (*BASELINES, "old stage 1", "old combined", "class combined", AGNOSTIC):
             for metric in METRICS:
                 a, b = getattr(per_method[DEFAULT], metric), getattr(per_method[other], metric)
                 if not a or not b:
@@ -603,7 +607,7 @@ def sanity_table(results: dict[str, dict[str, Scores]], cascade_rows: list[tuple
         if off[name].ablation and name != "random":
             p = paired_comparison(np.array(off["random"].ablation), np.array(off[name].ablation), cfg.boot, cfg.seed)
             row["ablation"] = [p.difference.mean, p.difference.low, p.difference.high, p.difference.low > 0]
-        row["class"] = [sensitivity, sensitivity < CLASS_SPEARMAN] if name == "class combined" else None
+        row["class"] = [sensitivity, sensitivity < CLASS_SPEARMAN] if name in ("class combined", DEFAULT) else None
         table[name] = row
     return table
 
@@ -613,8 +617,9 @@ def sanity_table(results: dict[str, dict[str, Scores]], cascade_rows: list[tuple
 
 def timings(model: torch.nn.Module, folded: torch.nn.Module, samples: list[Sample], rounds: int = 3
             ) -> dict[str, float]:
-    """Milliseconds per image, one thread, interleaved rounds (median): prediction and maps pass (folded eager and the
-    ``fuse`` engine), old class maps (unfused, hooks, input gradient) and new ones (folded, no hooks)."""
+    """Milliseconds per image, one thread, interleaved rounds (median): prediction, and the page's pass (prediction,
+    maps and evidence; folded eager and the ``fuse`` engine), old class maps (unfused, hooks, input gradient) and new
+    ones for any class (folded, no hooks)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     engine = fuse(model)
@@ -623,11 +628,11 @@ def timings(model: torch.nn.Module, folded: torch.nn.Module, samples: list[Sampl
     old = OldClassMaps(model)
     jobs = {
         "prediction (folded PyTorch)": lambda i: folded(x[i]),
-        "prediction + maps (folded PyTorch)": lambda i: attention_pass(folded, x[i]),
+        "prediction + maps + evidence (folded PyTorch)": lambda i: attention_pass(folded, x[i]),
         f"prediction ({getattr(engine, 'engine', 'engine')})": lambda i: engine(x[i]),
-        f"prediction + maps ({getattr(engine, 'engine', 'engine')})": lambda i: attention_pass(engine, x[i]),
+        f"prediction + maps + evidence ({getattr(engine, 'engine', 'engine')})": lambda i: attention_pass(engine, x[i]),
         "class maps, before (unfused, hooks)": lambda i: old(images[i], label_of(model, samples[i])),
-        "class maps, now (folded, no hooks)": lambda i: class_maps(folded, images[i], label_of(model, samples[i])),
+        "class maps of any class (folded, no hooks)": lambda i: class_maps(folded, images[i], label_of(model, samples[i])),
     }
     times: dict[str, list[float]] = {name: [] for name in jobs}
     try:
@@ -698,7 +703,7 @@ def write_csv(path: Path, data: dict[str, list[Sample]], results: dict[str, dict
 
 def plot(path: Path, tables: dict[str, dict[str, dict[str, list[float]]]], examples: list[tuple[str, list]]) -> None:
     """Pointing game and mass in mask per method on both splits (95% intervals), and example overlays."""
-    names = [n for n in tables["off-centre"] if n in (*HEADLINE, *BASELINES, BROKEN) and n != "stage 1"]
+    names = [n for n in tables["off-centre"] if n in (*HEADLINE, *BASELINES, BROKEN)]
     fig = plt.figure(figsize=(22, 8 + 2.6 * len(examples)))
     grid = fig.add_gridspec(1 + len(examples), 4, height_ratios=[8] + [2.6] * len(examples))
     for col, (split, metric, title) in enumerate((("centred", "pointing", "pointing game"),
@@ -729,19 +734,19 @@ def plot(path: Path, tables: dict[str, dict[str, dict[str, list[float]]]], examp
 
 
 def example_panels(model: torch.nn.Module, folded: torch.nn.Module, sample: Sample) -> list[tuple[str, Image.Image]]:
-    """The image with the previous stage-1 map, the default map, the class map and LayerCAM on stage 2 drawn over it."""
+    """The image with the previous stage-1 map, the default map (evidence), the class-agnostic combined map and
+    LayerCAM on stage 2 drawn over it."""
     image = Image.fromarray(sample.image).resize((sample.image.shape[1] * 2, sample.image.shape[0] * 2))
     geometry = input_geometry(model, image.size)
     old = old_maps(model, [sample], 1)["old stage 1"][0]
     strides = [info["reduction"] for info in model.feature_info]
     with torch.inference_mode():
-        _, block_maps = attention_pass(folded, preprocess(model, image))
-    new = find_map(maps_of_stages({k: m[0] for k, m in block_maps.items()}, strides), MapKind.COMBINED)
-    evidence = find_map(class_maps(folded, image, label_of(model, sample)), MapKind.COMBINED)
+        result = attention_pass(folded, preprocess(model, image))
+    stages, evidence = maps_of_pass(result, 0, strides)
     layercam = cam_maps(model, [sample], 1)["LayerCAM s2"][0]
     return [("before: stage 1 (attn, min-max)", overlay(image, old, geometry)),
-            ("now: default (combined)", overlay(image, new, geometry)),
-            ("now: class map", overlay(image, evidence, geometry)),
+            ("now: default (evidence)", overlay(image, find_map(evidence, MapKind.COMBINED), geometry)),
+            ("now: class-agnostic combined", overlay(image, find_map(stages, MapKind.COMBINED), geometry)),
             ("LayerCAM stage 2", overlay(image, layercam, geometry))]
 
 
@@ -794,7 +799,7 @@ def main() -> None:
                              "app_rule": CLASS_RULE, "app_class_subset": list(CLASS_STAGES)}
     print(f"validation (seed {cfg.val_seed}, {cfg.val_n} images per split), mean of pointing game and mass in mask "
           f"over both splits:")
-    print("  default map: " + ", ".join(f"{k} {v:.3f}" for k, v in subsets.items())
+    print("  class-agnostic combined map: " + ", ".join(f"{k} {v:.3f}" for k, v in subsets.items())
           + f" -> {best_subset}; the app averages stages {[s + 1 for s in COMBINED_STAGES]}"
           + (" (the same)" if SUBSETS[best_subset] == tuple(COMBINED_STAGES) else " (NOT the choice)"))
     ranked = sorted(classes.items(), key=lambda item: -item[1])[:6]

@@ -219,6 +219,38 @@ def stop_app(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
+def hooked_pass(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """What ``attention_pass`` must give, worked out independently: the unfolded model read with hooks on each LKA,
+    the image and its blank reference in separate passes, and LayerCAM's evidence for each image's predicted class
+    at stage 1 by autograd on that model: (logits, block maps, evidence)."""
+    from van_app.attention import block_keys, reference, stage_block_maps
+    from van_app.model import lka_modules
+
+    def run(batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        captured = {}
+        handles = [lka.register_forward_hook(lambda _m, _a, out, key=key: captured.__setitem__(key, out))
+                   for key, lka in lka_modules(model)]
+        try:
+            return model(batch), captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    with torch.enable_grad():
+        logits, gated = run(x.clone().requires_grad_())
+        with torch.no_grad():
+            _, blank = run(reference(x))
+        first = [key for key in block_keys(model) if key[0] == 0]
+        seed = torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).float()
+        grads = torch.autograd.grad(logits, [gated[key] for key in first], grad_outputs=seed)
+    evidence = sum((grad.clamp_min(0) * (gated[key] - blank[key])).sum(1) for key, grad in zip(first, grads))
+    maps = {}
+    for stage in sorted({s for s, _ in gated}):
+        keys = [key for key in block_keys(model) if key[0] == stage]
+        maps.update(zip(keys, stage_block_maps([gated[k].detach() for k in keys], [blank[k] for k in keys])))
+    return logits.detach(), maps, evidence.detach()
+
+
 @pytest.fixture(scope="session")
 def reference() -> dict[str, torch.Tensor]:
     """The fixed 224 px input (``tests/fixtures``) and each peer's logits and pooled features for it."""

@@ -17,6 +17,8 @@ from van_app.attention import (
 )
 from van_app.fold import fold
 
+from conftest import hooked_pass
+
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
@@ -41,14 +43,25 @@ def test_folded_block_hands_on_what_its_lka_passes_on(model):
     assert torch.equal(gated, captured[(1, 0)])
 
 
-def test_folded_and_hooked_passes_give_the_same_logits_and_maps(model):
+def test_the_pass_gives_the_logits_maps_and_evidence_the_hooked_unfolded_model_gives(model):
+    x = torch.randn(2, 3, 64, 64)
+    want_logits, want_maps, want_evidence = hooked_pass(model, x)
+    with torch.inference_mode():
+        result = attention_pass(model, x)
+    assert torch.allclose(result.logits, want_logits, atol=1e-4) and list(result.maps) == block_keys(model)
+    for key, expected in want_maps.items():
+        assert torch.allclose(result.maps[key], expected, rtol=1e-3, atol=1e-5)
+    assert list(result.evidence) == [0] and result.evidence[0].shape == (2, 16, 16)
+    assert torch.allclose(result.evidence[0], want_evidence, rtol=1e-3, atol=1e-4 * float(want_evidence.abs().max()))
+
+
+def test_an_images_evidence_does_not_depend_on_the_rest_of_its_batch(model):
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
-        plain_logits, plain = attention_pass(model, x)
-        folded_logits, folded = attention_pass(fold(model), x)
-    assert torch.allclose(plain_logits, folded_logits, atol=1e-4) and list(folded) == block_keys(model)
-    for key in plain:
-        assert torch.allclose(plain[key], folded[key], rtol=1e-3, atol=1e-5)
+        together = attention_pass(model, x)
+        alone = [attention_pass(model, x[i:i + 1]) for i in range(2)]
+    for i, single in enumerate(alone):
+        assert torch.allclose(together.evidence[0][i], single.evidence[0][0], rtol=1e-4, atol=1e-7)
 
 
 def test_an_images_maps_do_not_depend_on_the_rest_of_its_batch(model):
@@ -64,8 +77,8 @@ def test_an_images_maps_do_not_depend_on_the_rest_of_its_batch(model):
 def test_a_blank_batch_gets_zero_maps(model):
     x = torch.full((1, 3, 64, 64), 0.3)
     with torch.inference_mode():
-        _, maps = attention_pass(fold(model), x)
-    assert all(float(m.abs().max()) < 1e-6 for m in maps.values())
+        result = attention_pass(fold(model), x)
+    assert all(float(m.abs().max()) < 1e-6 for m in [*result.maps.values(), *result.evidence.values()])
 
 
 def test_gradients_stop_at_the_first_stage_asked_for(model):

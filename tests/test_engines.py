@@ -18,13 +18,15 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from van_app import fuse, load_model, predict
-from van_app.attention import attention_pass, block_keys
+from van_app.attention import Pass, attention_pass, block_keys
 from van_app.cache import MAX_AGE_DAYS, cache_dir, model_digest
 from van_app import engines
 from van_app.engines import EngineModel, Runner, fastest, installed_engines
 from van_app.explain import analyse, find_map
 from van_app.fold import fold
 from van_app.onnx_export import export_onnx, read_metadata
+
+from conftest import hooked_pass
 
 SIZE = 64
 
@@ -93,25 +95,30 @@ def test_another_input_size_gets_its_own_graph(micro, served):
         assert (served(x) - micro(x)).abs().max() <= 1e-4
 
 
-def test_attention_maps_from_the_same_pass_match_the_hooked_eager_model(micro, served):
+def _assert_same_pass(result: Pass, x: torch.Tensor, micro: torch.nn.Module) -> None:
+    """``result`` holds the logits, maps and evidence the hooked unfolded model gives for ``x``."""
+    want, expected, evidence = hooked_pass(micro, x)
+    assert (result.logits - want).abs().max() <= 1e-4
+    assert list(result.maps) == sorted(expected) == block_keys(micro)
+    for key, map_ in expected.items():
+        assert result.maps[key].shape == map_.shape == (len(x), *map_.shape[-2:])
+        assert (result.maps[key] - map_).abs().max() <= 1e-4 * map_.abs().max()
+    assert result.evidence[0].shape == evidence.shape
+    assert (result.evidence[0] - evidence).abs().max() <= 1e-4 * evidence.abs().max()
+
+
+def test_maps_and_evidence_from_the_same_pass_match_the_hooked_eager_model(micro, served):
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.inference_mode():
-        want, expected = attention_pass(micro, x)  # the unfused model, read with hooks on each LKA
-        logits, maps = served.forward_with_maps(x)
-    assert (logits - want).abs().max() <= 1e-4
-    assert list(maps) == sorted(expected) == block_keys(micro)
-    for key, map_ in expected.items():
-        assert maps[key].shape == map_.shape == (2, *map_.shape[-2:])
-        assert (maps[key] - map_).abs().max() <= 1e-4 * map_.abs().max()
+        result = served.forward_with_maps(x)
+    _assert_same_pass(result, x, micro)
 
 
 def test_folded_eager_model_gives_the_same_maps_without_hooks(micro):
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.inference_mode():
-        logits, maps = attention_pass(fold(micro), x)
-        want, expected = attention_pass(micro, x)
-    assert (logits - want).abs().max() <= 1e-4
-    assert all((maps[key] - expected[key]).abs().max() <= 1e-4 * expected[key].abs().max() for key in expected)
+        result = attention_pass(fold(micro), x)
+    _assert_same_pass(result, x, micro)
 
 
 def test_served_model_keeps_the_attributes_predict_needs(micro, served):
@@ -128,6 +135,9 @@ def test_predict_and_analyse_work_on_the_served_model(micro, served):
     for expected in want.maps:
         found = find_map(got.maps, expected.kind, expected.stage, expected.block)
         np.testing.assert_allclose(found.raw, expected.raw, rtol=1e-3, atol=1e-6 * float(np.abs(expected.raw).max()))
+    assert [m.title for m in got.evidence] == [m.title for m in want.evidence]
+    for found, expected in zip(got.evidence, want.evidence):
+        np.testing.assert_allclose(found.raw, expected.raw, rtol=1e-3, atol=1e-4 * float(np.abs(expected.raw).max()))
 
 
 def test_openvino_serves_the_same_logits_and_maps(micro):
@@ -135,11 +145,9 @@ def test_openvino_serves_the_same_logits_and_maps(micro):
     fast = fuse(micro, engine="openvino", threads=1)
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.inference_mode():
-        want, expected = attention_pass(micro, x)
-        logits, maps = fast.forward_with_maps(x)
-        assert (fast(x) - want).abs().max() <= 1e-4
-    assert (logits - want).abs().max() <= 1e-4
-    assert all((maps[key] - expected[key]).abs().max() <= 1e-4 * expected[key].abs().max() for key in expected)
+        result = fast.forward_with_maps(x)
+        assert (fast(x) - micro(x)).abs().max() <= 1e-4
+    _assert_same_pass(result, x, micro)
 
 
 def _signal_stack() -> tuple[int, int, int]:

@@ -123,7 +123,8 @@ def test_stage_map_is_the_gated_signals_departure_from_its_references_over_the_i
 @pytest.mark.parametrize("colour", [(0, 0, 0), (255, 255, 255), (128, 128, 128), (200, 30, 40)])
 def test_a_blank_image_of_any_colour_gets_only_flagged_maps(model, colour):
     blank = Image.new("RGB", (80, 60), colour)
-    maps = analyse(model, blank, blocks=True).maps + class_maps(model, blank, 1)
+    analysis = analyse(model, blank, blocks=True)
+    maps = analysis.maps + analysis.evidence + class_maps(model, blank, 1)
     assert all(m.constant and not m.display.any() for m in maps)
 
 
@@ -131,8 +132,7 @@ def test_a_blank_image_of_any_colour_gets_only_flagged_maps(model, colour):
 def test_shown_maps_of_a_natural_photo_hold_no_more_than_their_area_in_the_border_band(bundled, photo):
     image = Image.fromarray(load_sample_images().images[photo])
     analysis = analyse(bundled, image)
-    evidence = find_map(class_maps(bundled, image, bundled.labels.index(next(iter(analysis.top)))), MapKind.COMBINED)
-    for heatmap in [*analysis.maps, evidence]:
+    for heatmap in [*analysis.maps, *analysis.evidence]:
         share, area = border_share(render(heatmap, analysis.geometry)[0])
         assert not heatmap.constant and share <= area, heatmap.title
 
@@ -141,7 +141,8 @@ def test_shown_maps_of_a_natural_photo_hold_no_more_than_their_area_in_the_borde
 def test_a_near_blank_photo_has_no_more_structure_than_a_blank_one(bundled, colour):
     grain = np.random.default_rng(0).uniform(-3, 3, (90, 120, 3))
     image = Image.fromarray(np.clip(np.array(colour) + grain, 0, 255).astype(np.uint8))
-    maps = analyse(bundled, image, blocks=True).maps + class_maps(bundled, image, 0)
+    analysis = analyse(bundled, image, blocks=True)
+    maps = analysis.maps + analysis.evidence + class_maps(bundled, image, 0)
     assert all(m.constant for m in maps)
 
 
@@ -315,6 +316,16 @@ def test_overlay_keeps_size_and_aspect_up_to_max_side(model):
     stage_1 = find_map(analysis.maps, MapKind.STAGE, 0)
     assert overlay(image, stage_1, analysis.geometry).size == (300, 120)
     assert overlay(image, stage_1, analysis.geometry, max_side=150).size == (150, 60)
+
+
+def test_analyse_gives_the_evidence_for_the_predicted_class_that_class_maps_gives(bundled):
+    image = Image.fromarray(generate("star", 0, 96, seed=5).image)
+    analysis = analyse(bundled, image)
+    predicted = bundled.labels.index(next(iter(analysis.top)))
+    assert {m.target for m in analysis.evidence} == {predicted}
+    for got, want in zip(analysis.evidence, class_maps(bundled, image, predicted)):
+        assert (got.kind, got.stage, got.title) == (want.kind, want.stage, want.title)
+        np.testing.assert_allclose(got.raw, want.raw, rtol=1e-4, atol=1e-6 * float(np.abs(want.raw).max()))
 
 
 def test_class_maps_differ_per_class(model):

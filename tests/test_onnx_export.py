@@ -1,5 +1,5 @@
 """export_onnx and van-export-onnx: the file ONNX Runtime loads matches the official implementation within 1e-4, at any
-batch size, carries labels and preprocessing, and returns the page's attention maps when asked."""
+batch size, carries labels and preprocessing, and returns the page's attention maps and evidence when asked."""
 
 from __future__ import annotations
 
@@ -11,9 +11,18 @@ import pytest
 import torch
 
 from van_app import export_onnx, load_model
-from van_app.attention import attention_pass
 from van_app.cli import export_onnx_main
-from van_app.onnx_export import INPUT, LOGITS, map_outputs, read_metadata, verify_export
+from van_app.onnx_export import (
+    INPUT,
+    LOGITS,
+    evidence_outputs,
+    map_outputs,
+    read_metadata,
+    verify_export,
+    with_backward_written_out,
+)
+
+from conftest import hooked_pass
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL = FIXTURES / "official_tiny.pth.tar"
@@ -65,21 +74,45 @@ def test_metadata_holds_labels_and_preprocessing(official, exported):
     assert set(seen_by_onnxruntime.custom_metadata_map) >= {"labels", "preprocessing", "variant", "format"}
 
 
-def test_attention_maps_match_the_hooked_eager_model(official, with_maps, reference):
-    x = reference["input"]
-    names = [m.name for m in map_outputs(official)]
-    logits, *maps = run(with_maps, x, [LOGITS, *names])
-    with torch.inference_mode():
-        want, expected = attention_pass(official, x)  # the unfused model, read with hooks on each LKA
+def test_attention_maps_and_evidence_match_the_hooked_eager_model(official, with_maps, reference):
+    x = reference["input"][:1]
+    names = [m.name for m in map_outputs(official)] + [e["name"] for e in evidence_outputs(official)]
+    logits, *outputs = run(with_maps, x, [LOGITS, *names])
+    want, expected, evidence = hooked_pass(official, x)
     assert np.abs(logits - want.numpy()).max() <= 1e-4
     assert [(m.stage, m.block) for m in map_outputs(official)] == list(expected)
-    for got, map_ in zip(maps, expected.values()):
-        assert got.shape == map_.shape == (2, *map_.shape[-2:])
+    for got, map_ in zip(outputs, expected.values()):
+        assert got.shape == map_.shape == (1, *map_.shape[-2:])
         np.testing.assert_allclose(got, map_.numpy(), rtol=1e-4, atol=1e-6 * float(map_.abs().max()))
-    assert read_metadata(with_maps)["attention_maps"][1] == {"name": "attention.1.0", "stage": 1, "block": 0,
-                                                             "stride": 8}
+    np.testing.assert_allclose(outputs[-1], evidence.numpy(), rtol=1e-3, atol=1e-4 * float(evidence.abs().max()))
+    metadata = read_metadata(with_maps)
+    assert metadata["attention_maps"][1] == {"name": "attention.1.0", "stage": 1, "block": 0, "stride": 8}
+    assert metadata["evidence"] == [{"name": "evidence.0", "stage": 0, "stride": 4, "rule": "layercam",
+                                     "target": "predicted"}]
 
 
+def test_a_graph_with_maps_takes_one_image(with_maps):
+    session = ort.InferenceSession(str(with_maps), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 3, 224, 224]
+
+
+@pytest.mark.parametrize(("stride", "padding", "dilation", "groups"),
+                         [(1, 0, 1, 1), (1, 2, 1, 4), (1, 9, 3, 4), (2, 1, 1, 1), (4, 3, 1, 1), (2, 1, 1, 2)])
+def test_a_convolutions_input_gradient_is_written_out_as_forward_operators(stride, padding, dilation, groups):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3 if dilation == 1 else 7, stride, padding, dilation, groups)
+
+    class InputGradient(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                x = x.clone().requires_grad_()
+                return torch.autograd.grad(conv(x).square().sum(), x)[0]
+
+    x = torch.randn(1, 4, 23, 23)
+    traced = with_backward_written_out(InputGradient(), x)
+    ops = {str(node.target) for node in traced.graph.nodes if node.op == "call_function"}
+    assert not any("backward" in op for op in ops)
+    torch.testing.assert_close(traced(x), InputGradient()(x), rtol=1e-5, atol=1e-5)
 def test_a_failed_export_leaves_no_file(official, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         Path(args[2]).write_bytes(b"half a graph")

@@ -16,29 +16,57 @@ departs from the blank by as much power as the image's average cell carries), a
 blank image of any colour gets exactly zero, and a picture a few grey levels of
 noise away from blank stays below 0.1 (``explain.STRUCTURE_FLOOR``).
 
-``attention_pass(model, batch)`` returns the logits and every block's map, (B, h, w)
-on the stage's grid, from one pass of the image and its reference (a batch of 2B):
+The *evidence* for a class k (the page's default map) is LayerCAM on the gated signal
+relative to the reference, ``sum_c relu(d logit_k / d g_c) * (g_c - g0_c)`` per block,
+summed over a stage's blocks (``CLASS_RULES`` also has Grad-CAM's channel weights and
+plain gradient x difference): logit-sized shares per cell, so a blank image gets none.
+Unlike the block maps it depends on every weight from the stage to the logits, so it
+passes the model-randomisation check that a stage-1 block map cannot.
+
+``attention_pass(model, batch)`` returns a ``Pass``: the logits, every block's map,
+(B, h, w) on the stage's grid, and the evidence for each image's predicted class on
+each stage of ``CLASS_STAGES``, from one pass of the images and their references
+(one forward pass each, one backward pass from the predicted logits to the gated
+signals):
 
 - a model served by an engine (``fuse``) returns them from its graph's extra outputs
-  (``forward_with_maps``);
-- a folded VAN runs as ``WithAttentionMaps``, which hands each block's gated signal
-  on explicitly: no hooks, so one model can serve several threads at once;
-- any other VAN (unfolded, or built by timm) is read with hooks on each LKA, which a
-  shared model must not run from two threads at once.
+  (``forward_with_maps``): the backward pass is part of the exported graph;
+- any VAN runs as ``WithAttentionMaps`` on its folded form, which hands each block's
+  gated signal on explicitly: no hooks, so one model can serve several threads at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .fold import FusedBlock, _gelu
+from .fold import FusedBlock, _gelu, fold
 from .model import lka_modules
 
 Maps = dict[tuple[int, int], torch.Tensor]
+# Per block, from its gated signal's difference to the reference ``d`` (B, C, h, w) and ``grad`` = d logit / d g.
+CLASS_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "gradcam": lambda d, grad: (grad.mean((-2, -1), keepdim=True) * d).sum(-3),
+    "layercam": lambda d, grad: (grad.clamp_min(0) * d).sum(-3),
+    "gradient": lambda d, grad: (grad * d).sum(-3),
+}
+# The evidence's rule and stages, chosen on the heatmap benchmark's validation seed (benchmarks/heatmaps.py).
+CLASS_RULE = "layercam"
+CLASS_STAGES = (0,)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass of a batch: ``logits`` (B, classes), each block's map (B, h, w) keyed by (stage, block), and per
+    stage of ``CLASS_STAGES`` the evidence (B, h, w) for each image's predicted class."""
+
+    logits: torch.Tensor
+    maps: Maps
+    evidence: dict[int, torch.Tensor]
 
 
 def departure(x: torch.Tensor) -> torch.Tensor:
@@ -79,11 +107,14 @@ def gated_stages(folded: nn.Module, x: torch.Tensor, grad_from: int = 0, until: 
     """The logits of ``x`` and each block's gated signal, per stage, through a folded VAN without hooks.
 
     Stages before ``grad_from`` run without autograd, so a backward pass from the
-    logits stops at the gated signals of stage ``grad_from``. With ``until`` only the
-    stages before it run, and the first value is their output instead of the logits.
+    logits stops at the gated signals of stage ``grad_from`` (which are tracked when
+    autograd is on, whether or not the weights need gradients). With ``until`` only
+    the stages before it run, and the first value is their output instead of the logits.
     """
     gated: list[list[torch.Tensor]] = []
     for s, stage in enumerate(folded.stages[:until]):
+        if s == grad_from and torch.is_grad_enabled():
+            x = x.detach().requires_grad_()
         with torch.no_grad() if s < grad_from else nullcontext():
             x = stage.patch_embed(x)
             gated.append([])
@@ -94,8 +125,27 @@ def gated_stages(folded: nn.Module, x: torch.Tensor, grad_from: int = 0, until: 
     return (x if until is not None else folded.forward_head(x)), gated
 
 
+def evidence(logits: torch.Tensor, gated: list[list[torch.Tensor]], gated_reference: list[list[torch.Tensor]],
+             target: torch.Tensor, rule: str = CLASS_RULE, stages: Sequence[int] = CLASS_STAGES
+             ) -> dict[int, torch.Tensor]:
+    """Per stage of ``stages``, the evidence (B, h, w) for class ``target`` (B,) of each image by ``CLASS_RULES[rule]``,
+    summed over the stage's blocks: one backward pass from the target logits to the gated signals, which
+    ``gated_stages`` must have tracked."""
+    seed = torch.where(torch.arange(logits.shape[-1], device=logits.device) == target[:, None], 1.0, 0.0)
+    signals = [g for s in stages for g in gated[s]]
+    grads = iter(torch.autograd.grad(logits, signals, grad_outputs=seed.to(logits.dtype)))
+    score = CLASS_RULES[rule]
+    with torch.no_grad():
+        return {s: sum(score(g.float() - g0.float(), next(grads).float())
+                       for g, g0 in zip(gated[s], gated_reference[s])) for s in stages}
+
+
 class WithAttentionMaps(nn.Module):
-    """A folded VAN whose forward returns its logits, then each block's map in (stage, block) order."""
+    """A folded VAN whose forward returns its logits, each block's map in (stage, block) order, then the evidence for
+    each image's predicted class on each stage of ``CLASS_STAGES``.
+
+    Autograd runs inside, even under ``torch.inference_mode``, for the evidence's backward pass.
+    """
 
     def __init__(self, folded: nn.Module) -> None:
         super().__init__()
@@ -104,12 +154,15 @@ class WithAttentionMaps(nn.Module):
         self.van = folded
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits, gated = gated_stages(self.van, torch.cat([x, reference(x)]))
-        maps = []
-        for stage in gated:
-            halves = [g.chunk(2) for g in stage]  # (image, reference) of each block
-            maps += stage_block_maps([g for g, _ in halves], [g0 for _, g0 in halves])
-        return logits.chunk(2)[0], *maps
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x.clone()  # a tensor made in inference mode cannot be recorded for a backward pass
+            with torch.no_grad():
+                _, gated_reference = gated_stages(self.van, reference(x))
+            logits, gated = gated_stages(self.van, x, grad_from=min(CLASS_STAGES))
+            shown = evidence(logits, gated, gated_reference, logits.argmax(-1))
+        with torch.no_grad():
+            maps = [m for g, g0 in zip(gated, gated_reference) for m in stage_block_maps(g, g0)]
+        return logits.detach(), *maps, *(shown[s].detach() for s in CLASS_STAGES)
 
 
 def block_keys(model: nn.Module) -> list[tuple[int, int]]:
@@ -130,18 +183,15 @@ def capture_gated(model: nn.Module) -> Iterator[Maps]:
             handle.remove()
 
 
-def attention_pass(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, Maps]:
-    """The logits of ``batch`` and each block's map, (B, h, w) keyed by (stage, block), from one pass."""
+def attention_pass(model: nn.Module, batch: torch.Tensor) -> Pass:
+    """The logits of ``batch``, each block's map and the evidence for each image's predicted class, from one pass.
+
+    ``model`` is a VAN (folded here unless it is; ``fold`` copies it, so callers that
+    pass the same model often fold it once) or a model with ``forward_with_maps``.
+    """
     if hasattr(model, "forward_with_maps"):
         return model.forward_with_maps(batch)
-    if is_folded(model):
-        logits, *maps = WithAttentionMaps(model)(batch)
-        return logits, dict(zip(block_keys(model), maps))
-    with capture_gated(model) as captured:
-        logits = model(torch.cat([batch, reference(batch)]))
-    maps: Maps = {}
-    for stage in sorted({s for s, _ in captured}):
-        keys = sorted(key for key in captured if key[0] == stage)
-        halves = [captured[key].chunk(2) for key in keys]
-        maps.update(zip(keys, stage_block_maps([g for g, _ in halves], [g0 for _, g0 in halves])))
-    return logits.chunk(2)[0], maps
+    folded = model if is_folded(model) else fold(model)
+    logits, *outputs = WithAttentionMaps(folded)(batch)
+    keys = block_keys(folded)
+    return Pass(logits, dict(zip(keys, outputs)), dict(zip(CLASS_STAGES, outputs[len(keys):])))

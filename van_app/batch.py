@@ -2,9 +2,10 @@
 
 Files are decoded and preprocessed by DataLoader workers while the model runs;
 a file that cannot be read becomes a row with its reason instead of stopping
-the run. With ``heatmaps`` each image's combined LKA map (``explain.maps_of_stages``)
-comes from the same forward pass as its prediction (``attention.attention_pass``: the
-graph's extra outputs when ``fuse`` chose an ONNX engine) and is drawn over the image.
+the run. With ``heatmaps`` each image's evidence for its predicted class (the page's
+default map, ``explain.maps_of_pass``) comes from the same pass as its prediction
+(``attention.attention_pass``: the graph's extra outputs when ``fuse`` chose an ONNX
+engine) and is drawn over the image.
 When the images sit in folders named after the model's classes, the folder name
 is the true class and ``summary`` reports accuracy and a confusion matrix.
 """
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .attention import attention_pass
-from .explain import MapKind, find_map, input_geometry, maps_of_stages, overlay
+from .explain import MapKind, find_map, input_geometry, maps_of_pass, overlay
 from .files import atomic_path, is_image_file
 from .images import BadImageError, display_size, open_image
 from .predict import eval_transform, placement, top_k
@@ -106,8 +107,8 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], *, k: int = 5, 
                   progress: bool = True) -> Iterator[FilePrediction]:
     """Classify ``paths`` with ``model`` (use ``van_app.fuse(model)``) in batches, in order; unreadable files too.
 
-    With ``heatmaps``, the combined stage map of each image is drawn over it and
-    saved there as PNG, named after the file (its path below ``root`` when given).
+    With ``heatmaps``, the evidence for each image's predicted class (the page's default
+    map) is drawn over it and saved there as PNG, named after the file (its path below ``root`` when given).
     """
     loader = DataLoader(_Files(paths, eval_transform(model), heatmaps is not None), batch_size=batch_size,
                         num_workers=workers, collate_fn=list)
@@ -116,11 +117,15 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], *, k: int = 5, 
     with tqdm(total=len(paths), desc="Classifying", unit="img", disable=not progress, file=sys.stderr) as bar:
         for items in loader:
             good = [item for item in items if item.error is None]
-            logits, block_maps = torch.empty(0), {}
+            logits, result = torch.empty(0), None
             if good:
                 batch = torch.stack([item.tensor for item in good]).to(device, dtype)
                 with torch.inference_mode():
-                    logits, block_maps = attention_pass(model, batch) if heatmaps is not None else (model(batch), {})
+                    if heatmaps is not None:
+                        result = attention_pass(model, batch)
+                        logits = result.logits
+                    else:
+                        logits = model(batch)
             row = {item.index: i for i, item in enumerate(good)}
             for item in items:
                 path = paths[item.index]
@@ -128,9 +133,9 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], *, k: int = 5, 
                     yield FilePrediction(path, {}, item.error)
                     continue
                 i = row[item.index]
-                if heatmaps is not None:
-                    maps = maps_of_stages({key: value[i] for key, value in block_maps.items()}, strides)
-                    picture = overlay(Image.fromarray(item.picture), find_map(maps, MapKind.COMBINED),
+                if result is not None:
+                    _, shown = maps_of_pass(result, i, strides)
+                    picture = overlay(Image.fromarray(item.picture), find_map(shown, MapKind.COMBINED),
                                       input_geometry(model, item.size))
                     target = heatmaps / _overlay_name(path, root)
                     target.parent.mkdir(parents=True, exist_ok=True)

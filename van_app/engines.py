@@ -3,8 +3,9 @@
 ``EngineModel`` behaves like the model it was made from where serving needs it:
 called on a batch tensor it returns the logits, and it carries the model's
 ``labels``, ``pretrained_cfg``, ``feature_info``..., so ``predict``, ``analyse`` and
-``van-predict`` take it. ``forward_with_maps`` returns the logits and every block's
-attention map from one pass of a graph that has them as extra outputs.
+``van-predict`` take it. ``forward_with_maps`` returns the logits, every block's
+attention map and the evidence for the predicted class from one pass of a graph that
+has them as extra outputs (one image per call of that graph).
 
 Each graph (logits only, or with maps; one per input size) is exported once per
 weights and kept in the disk cache (``cache``), keyed by the weights and by the code
@@ -51,7 +52,7 @@ from . import attention as attention_module
 from . import fold as fold_module
 from . import model as model_module
 from . import onnx_export as onnx_export_module
-from .attention import Maps, attention_pass, block_keys
+from .attention import CLASS_STAGES, Pass, attention_pass, block_keys
 from .cache import entry_path, load_or_build, model_digest
 from .errors import first_line
 from .files import write_json
@@ -225,9 +226,10 @@ def _machine() -> str:
 
 
 def _summary(outputs: list[torch.Tensor]) -> dict[str, list[float]]:
-    """What a graph's check compares: every logit of the probe, and each attention map's sum and largest value."""
+    """What a graph's check compares: every logit of the probe, and each map's (attention, evidence) sum and largest
+    value, in magnitude."""
     return {"logits": outputs[0].reshape(-1).tolist(),
-            "maps": [[float(m.double().sum()), float(m.max())] for m in outputs[1:]]}
+            "maps": [[float(m.double().abs().sum()), float(m.abs().max())] for m in outputs[1:]]}
 
 
 def _matches(got: dict[str, list[float]], want: dict[str, list[float]]) -> bool:
@@ -286,15 +288,20 @@ class EngineModel:
         """The logits of ``batch`` (B, 3, H, W), preprocessed as the model expects."""
         return self._run(batch, maps=False)[0]
 
-    def forward_with_maps(self, batch: torch.Tensor) -> tuple[torch.Tensor, Maps]:
-        """The logits of ``batch`` and each block's attention map ((B, h, w), keyed by (stage, block)), one pass."""
-        logits, *maps = self._run(batch, maps=True)
-        return logits, dict(zip(self._keys, maps))
+    def forward_with_maps(self, batch: torch.Tensor) -> Pass:
+        """The logits of ``batch``, each block's attention map ((B, h, w), keyed by (stage, block)) and the evidence
+        for each image's predicted class: one pass of the graph per image."""
+        if batch.dim() != 4:
+            raise ValueError(f"expected a (batch, 3, height, width) tensor, got shape {tuple(batch.shape)}")
+        outputs = [torch.cat(parts) for parts in zip(*(self._run(image[None], maps=True) for image in batch))]
+        logits, maps = outputs[0], outputs[1:1 + len(self._keys)]
+        return Pass(logits, dict(zip(self._keys, maps)), dict(zip(CLASS_STAGES, outputs[1 + len(self._keys):])))
 
     def warm_up(self, maps: bool = True, shape: Sequence[int] | None = None) -> None:
         """Build (or load), check and choose the engine for input ``shape`` (default: one image of the
-        preprocessing's size), with or without maps."""
-        self.runner(maps, tuple(shape or (1, 3, *self.input_size)))
+        preprocessing's size; with maps, one image of ``shape``'s size), with or without maps."""
+        shape = tuple(shape or (1, 3, *self.input_size))
+        self.runner(maps, (1, *shape[1:]) if maps else shape)
 
     def _run(self, batch: torch.Tensor, maps: bool) -> list[torch.Tensor]:
         """Every output of the graph for ``batch``'s shape, as tensors."""
@@ -359,8 +366,9 @@ class EngineModel:
         metadata."""
         with torch.inference_mode():
             if maps:
-                logits, found = attention_pass(self._source, self._probe(size))
-                outputs = [logits, *(found[block] for block in self._keys)]
+                found = attention_pass(self._source, self._probe(size))
+                outputs = [found.logits, *(found.maps[block] for block in self._keys),
+                           *(found.evidence[s] for s in CLASS_STAGES)]
             else:
                 outputs = [self._source(self._probe(size))]
         export_onnx(self._source, path, maps=maps, size=size,

@@ -15,12 +15,15 @@ with reduction ``r`` (4, 8, 16, 32) has its cell (i, j) centred on model-input p
   the logits from one pass of the image and its reference (``attention.attention_pass``):
   a model served by ``fuse`` computes them inside its graph.
 - Stage map: the mean of the stage's block maps, same units.
-- Class map (*evidence for class k*): LayerCAM on the gated signal relative to the
-  reference, ``sum_c relu(d logit_k / d g_c) * (g_c - g0_c)`` per block, summed over a
-  stage's blocks (``CLASS_RULES`` also has Grad-CAM's channel weights and plain gradient
-  x difference): logit-sized shares per cell, so a blank image gets none. The page's
-  class maps are those of ``CLASS_STAGES``; they run on the folded model with autograd
-  from that stage on, without hooks or an input gradient (``class_maps``).
+- Class map (*evidence for class k*, the page's default map for the predicted class):
+  LayerCAM on the gated signal relative to the reference,
+  ``sum_c relu(d logit_k / d g_c) * (g_c - g0_c)`` per block, summed over a stage's
+  blocks (``attention.CLASS_RULES`` also has Grad-CAM's channel weights and plain
+  gradient x difference): logit-sized shares per cell, so a blank image gets none. The
+  page's class maps are those of ``CLASS_STAGES``. ``analyse`` gets them for the
+  predicted class from the same pass (``Analysis.evidence``); ``class_maps`` computes
+  them for any class on the folded model, with autograd from that stage on, without
+  hooks or an input gradient.
 - Combined map: the stage maps of ``COMBINED_STAGES`` resampled (bicubic, clamped at 0)
   onto the finest stage grid and averaged: the class-agnostic maps as they are (their
   units agree), the class maps each divided by its own peak (the per-stage totals of
@@ -66,7 +69,8 @@ from timm.data.transforms import CenterCropOrPad, MaybePILToTensor, MaybeToTenso
 from torch import nn
 from torchvision import transforms
 
-from .attention import Maps, attention_pass, departure, gated_stages, is_folded, reference, stage_block_maps
+from .attention import (CLASS_RULE, CLASS_RULES, CLASS_STAGES, Maps, Pass, attention_pass, departure, evidence,
+                        gated_stages, is_folded, reference, stage_block_maps)
 from .fold import fold
 from .images import display_size, to_rgb
 from .predict import eval_transform, placement, preprocess, top_k
@@ -74,17 +78,9 @@ from .predict import eval_transform, placement, preprocess, top_k
 CONSTANT_TOLERANCE = 1e-5
 STRUCTURE_FLOOR = 0.1  # a class-agnostic map peaking lower is no more structured than a blank image (+-3 grey levels)
 FULL_SCALE = 2.0  # a class-agnostic map is drawn at full colour at this value (or at its peak, when higher)
-# Stages averaged into the combined maps (class-agnostic, class maps) and the class maps' rule, chosen on the
-# benchmark's validation seed (benchmarks/heatmaps.py; docs/heatmaps.md): stage 1 alone won both.
+# Stages averaged into the class-agnostic combined map, chosen on the benchmark's validation seed
+# (benchmarks/heatmaps.py; docs/heatmaps.md): stage 1 alone won.
 COMBINED_STAGES = (0,)
-CLASS_STAGES = (0,)
-# Per block, from its gated signal's difference to the reference ``d`` (1, C, h, w) and ``grad`` = d logit / d g.
-CLASS_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "gradcam": lambda d, grad: (grad.mean((-2, -1), keepdim=True) * d).sum(-3),
-    "layercam": lambda d, grad: (grad.clamp_min(0) * d).sum(-3),
-    "gradient": lambda d, grad: (grad * d).sum(-3),
-}
-CLASS_RULE = "layercam"
 # Eval-transform steps that change pixel values but not where they are.
 _PIXEL_ONLY = (transforms.ToTensor, transforms.PILToTensor, transforms.Normalize, MaybeToTensor, MaybePILToTensor)
 
@@ -149,11 +145,12 @@ def find_map(maps: Iterable[Heatmap], kind: MapKind, stage: int | None = None, b
 
 @dataclass(frozen=True)
 class Analysis:
-    """A prediction and the class-agnostic maps from the same forward pass."""
+    """A prediction, the class-agnostic maps and the evidence for the predicted class, from the same pass."""
 
     top: dict[str, float]
     maps: list[Heatmap]
     geometry: Geometry
+    evidence: list[Heatmap]
 
 
 def input_geometry(model: nn.Module, image_size: tuple[int, int]) -> Geometry:
@@ -291,8 +288,24 @@ def maps_of_blocks(block_maps: Maps, strides: list[int]) -> list[Heatmap]:
             for (s, b), m in sorted(block_maps.items())]
 
 
+def evidence_maps(raws: dict[int, np.ndarray], structured: dict[int, bool], strides: list[int], index: int
+                  ) -> list[Heatmap]:
+    """The class maps of ``raws`` (evidence for class ``index`` per stage, (h, w)), flagged where the stage is not
+    ``structured``, then combined."""
+    maps = [_heatmap(MapKind.STAGE, raw, strides[s], structured=structured[s], stage=s, target=index)
+            for s, raw in sorted(raws.items())]
+    return maps + [combine(maps, sorted(raws))]
+
+
+def _structured(block_maps: Iterable[torch.Tensor]) -> bool:
+    """Whether a stage whose class-agnostic block maps are ``block_maps`` departs from the blank by more than a blank
+    image does: a stage that does not shows no evidence."""
+    return float(max(m.max() for m in block_maps)) > STRUCTURE_FLOOR
+
+
 def analyse(model: nn.Module, image: Image.Image, k: int = 5, blocks: bool = False) -> Analysis:
-    """Top-``k`` prediction and the stage maps (and block maps if asked) from one inference pass.
+    """Top-``k`` prediction, the stage maps (and block maps if asked) and the evidence for the predicted class, from
+    one pass.
 
     ``model`` is anything ``attention.attention_pass`` runs: a VAN, folded or not, or what ``fuse`` returns.
     """
@@ -300,44 +313,46 @@ def analyse(model: nn.Module, image: Image.Image, k: int = 5, blocks: bool = Fal
     device, dtype = placement(model)
     batch = preprocess(model, image).to(device, dtype)
     with torch.inference_mode():
-        logits, maps = attention_pass(model, batch)
-    strides = _strides(model)
-    first = {key: m[0] for key, m in maps.items()}
-    heatmaps = maps_of_stages(first, strides) + (maps_of_blocks(first, strides) if blocks else [])
-    return Analysis(top_k(model, logits[0], k), heatmaps, input_geometry(model, image.size))
+        result = attention_pass(model, batch)
+    maps, shown = maps_of_pass(result, 0, _strides(model), blocks)
+    return Analysis(top_k(model, result.logits[0], k), maps, input_geometry(model, image.size), shown)
+
+
+def maps_of_pass(result: Pass, index: int, strides: list[int], blocks: bool = False
+                 ) -> tuple[list[Heatmap], list[Heatmap]]:
+    """Image ``index`` of an ``attention_pass`` result: its class-agnostic maps (stages, combined, and each block's
+    with ``blocks``) and its evidence maps for its predicted class."""
+    mine = {key: m[index] for key, m in result.maps.items()}
+    maps = maps_of_stages(mine, strides) + (maps_of_blocks(mine, strides) if blocks else [])
+    structured = {s: _structured(m for (stage, _), m in mine.items() if stage == s) for s in result.evidence}
+    raws = {s: m[index].float().cpu().numpy() for s, m in result.evidence.items()}
+    return maps, evidence_maps(raws, structured, strides, int(result.logits[index].argmax()))
 
 
 def class_maps(model: nn.Module, image: Image.Image, index: int, rule: str = CLASS_RULE,
                stages: Sequence[int] = CLASS_STAGES) -> list[Heatmap]:
     """Evidence for class ``index`` per stage of ``stages`` (``CLASS_RULES[rule]`` on each block's gated signal
-    against the reference's), then combined.
+    against the reference's), then combined: what ``analyse`` gives for the predicted class, for any class.
 
     Runs on the folded model (``model`` is folded first unless it is; ``ClassMapCache`` folds once): the
     reference through the last of ``stages`` only, without autograd; the image with autograd from the first of
     ``stages``; one backward pass from the logit to their gated signals; no hooks, no input gradient, and no
     parameter gradient is accumulated.
     """
-    score = CLASS_RULES[rule]
-    first, last = min(stages), max(stages)
+    if rule not in CLASS_RULES:
+        raise ValueError(f"rule must be one of {', '.join(CLASS_RULES)}, got {rule!r}")
     with torch.inference_mode(False):
         folded = model if is_folded(model) else fold(model)
         device, dtype = placement(folded)
         batch = preprocess(folded, to_rgb(image)).to(device, dtype)
         with torch.no_grad():
-            _, gated_reference = gated_stages(folded, reference(batch), until=last + 1)
+            _, gated_reference = gated_stages(folded, reference(batch), until=max(stages) + 1)
         with torch.enable_grad():
-            logits, gated = gated_stages(folded, batch, grad_from=first)
-            grads = iter(torch.autograd.grad(logits[0, index], [g for s in stages for g in gated[s]]))
+            logits, gated = gated_stages(folded, batch, grad_from=min(stages))
+            raws = evidence(logits, gated, gated_reference, torch.tensor([index], device=device), rule, stages)
         with torch.no_grad():
-            raws = {s: sum(score(g.float() - g0.float(), next(grads).float())[0]
-                           for g, g0 in zip(gated[s], gated_reference[s])) for s in stages}
-            # a stage whose gated signal departs from the blank's no more than a blank image's shows no evidence
-            structured = {s: float(max(m.max() for m in stage_block_maps(gated[s], gated_reference[s])))
-                          > STRUCTURE_FLOOR for s in stages}
-    strides = _strides(folded)
-    maps = [_heatmap(MapKind.STAGE, raws[s].cpu().numpy(), strides[s], structured=structured[s], stage=s,
-                     target=index) for s in stages]
-    return maps + [combine(maps, stages)]
+            structured = {s: _structured(stage_block_maps(gated[s], gated_reference[s])) for s in stages}
+    return evidence_maps({s: m[0].cpu().numpy() for s, m in raws.items()}, structured, _strides(folded), index)
 
 
 def image_digest(image: Image.Image) -> str:

@@ -211,9 +211,11 @@ def fold(model: nn.Module, *, channels_last: bool = True, prepad: bool = True) -
     """
     if not isinstance(getattr(model, "stages", None), nn.Sequential):
         raise TypeError(f"fuse expects a VAN (with .stages), got {type(model).__name__}")
-    fused = copy.deepcopy(model).eval()
-    for stage in fused.stages:
-        stage.patch_embed = _fuse_patch_embed(stage.patch_embed)
-        stage.blocks = nn.Sequential(*[_fuse_block(b, prepad) if isinstance(b, Block) else b for b in stage.blocks])
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return fused.to(memory_format=memory_format)
+    with torch.inference_mode(False), torch.no_grad():  # weights a backward pass (the evidence) may go through
+        fused = copy.deepcopy(model).eval()
+        for stage in fused.stages:
+            stage.patch_embed = _fuse_patch_embed(stage.patch_embed)
+            stage.blocks = nn.Sequential(*[_fuse_block(b, prepad) if isinstance(b, Block) else b
+                                           for b in stage.blocks])
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return fused.to(memory_format=memory_format)

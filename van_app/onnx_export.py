@@ -7,14 +7,19 @@ batch is dynamic; height and width are fixed (by default to the preprocessing's
 input size), which lets ONNX Runtime plan every layer ahead (2-5% faster than
 dynamic sides). The graph is the folded model (``fold.fold`` without the eager-only
 layout tricks).
-With ``maps=True`` it also returns, per block, the LKA attention map the page draws
-(``attention.departure`` of the block's attention, (batch, h, w) on its stage's grid),
-so heatmaps come out of the same pass as the prediction; the ``attention_maps``
-metadata names those outputs with their stage, block and stride.
+With ``maps=True`` the graph takes one image (batch 1) and also returns what the page
+draws, from the same pass as the prediction (``attention.WithAttentionMaps``): per
+block, its class-agnostic map ((1, h, w) on its stage's grid), then per stage of
+``attention.CLASS_STAGES`` the evidence for the predicted class. That evidence needs
+a backward pass, which ONNX has no operator for: the graph is traced with its backward
+pass written out as forward operators (``make_fx``; a convolution's input gradient
+becomes a convolution with the kernel flipped, or a transposed convolution where it
+strides), at a fixed shape. The ``attention_maps`` and ``evidence`` metadata name those
+outputs with their stage, block and stride.
 
 Metadata (ONNX ``metadata_props``, each value a string, JSON where structured):
 ``labels``, ``preprocessing`` (input_size, interpolation, mean, std, crop_pct,
-crop_mode), ``pretrained_cfg``, ``variant``, ``model_args``, ``attention_maps``,
+crop_mode), ``pretrained_cfg``, ``variant``, ``model_args``, ``attention_maps``, ``evidence``,
 ``format`` (``FORMAT``, raised whenever the graph or the metadata change) and
 whatever the caller adds (the disk cache adds its key). ``read_metadata`` reads them back.
 """
@@ -31,20 +36,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import __version__
-from .attention import WithAttentionMaps, block_keys
+from .attention import CLASS_RULE, CLASS_STAGES, WithAttentionMaps, block_keys
 from .files import atomic_path
 from .fold import fold
 from .predict import data_config
 from .variants import default_labels
 
-FORMAT = 1
+FORMAT = 2
 OPSET = 18
 INPUT = "image"
 LOGITS = "logits"
 # Metadata values stored as JSON (the rest are plain strings).
-JSON_KEYS = ("labels", "preprocessing", "pretrained_cfg", "model_args", "attention_maps", "format")
+JSON_KEYS = ("labels", "preprocessing", "pretrained_cfg", "model_args", "attention_maps", "evidence", "format")
 # torch.onnx.export keeps its state in process globals and refuses to run twice at once (two models loading in
 # the app's background threads): exports take turns.
 _EXPORTING = threading.Lock()
@@ -66,6 +72,13 @@ def map_outputs(model: nn.Module) -> list[MapOutput]:
     return [MapOutput(f"attention.{s}.{b}", s, b, strides[s]) for s, b in block_keys(model)]
 
 
+def evidence_outputs(model: nn.Module) -> list[dict[str, Any]]:
+    """The evidence outputs a ``maps=True`` export of ``model`` has after its attention maps, in graph order."""
+    strides = [info["reduction"] for info in model.feature_info]
+    return [{"name": f"evidence.{s}", "stage": s, "stride": strides[s], "rule": CLASS_RULE, "target": "predicted"}
+            for s in CLASS_STAGES]
+
+
 def export_metadata(model: nn.Module, maps: bool) -> dict[str, str]:
     """The metadata ``export_onnx`` writes for ``model``, as strings."""
     cfg = data_config(model)
@@ -79,6 +92,7 @@ def export_metadata(model: nn.Module, maps: bool) -> dict[str, str]:
         "pretrained_cfg": dict(getattr(model, "pretrained_cfg", None) or {}),
         "model_args": dict(getattr(model, "model_args", None) or {}),
         "attention_maps": [asdict(m) for m in map_outputs(model)] if maps else [],
+        "evidence": evidence_outputs(model) if maps else [],
         "format": FORMAT,
     }
     text = {key: json.dumps(value, default=list) for key, value in values.items()}
@@ -89,17 +103,22 @@ def export_onnx(model: nn.Module, path: str | Path, *, maps: bool = False, size:
                 opset: int = OPSET, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model`` (a VAN, folded or not) to ``path`` as ONNX, atomically; the path.
 
-    The batch is dynamic, the input's (height, width) is ``size`` (default: the
-    preprocessing's); the file's metadata holds the labels and preprocessing (see the
-    module docstring), plus ``metadata``. With ``maps`` the graph also returns each
-    block's attention map after the logits.
+    The input's (height, width) is ``size`` (default: the preprocessing's); the batch is
+    dynamic, or 1 with ``maps``, when the graph also returns each block's attention map
+    and the evidence for the predicted class after the logits. The file's metadata
+    holds the labels and preprocessing (see the module docstring), plus ``metadata``.
     """
     path = Path(path)
     folded = fold(model, channels_last=False, prepad=False).to("cpu", torch.float32)
-    graph = WithAttentionMaps(folded) if maps else folded
-    names = [m.name for m in map_outputs(model)] if maps else []
-    example = torch.zeros(2, 3, *(size or data_config(model)["input_size"][-2:]))
-    dynamic = {name: {0: "batch"} for name in (INPUT, LOGITS, *names)}
+    size = tuple(size or data_config(model)["input_size"][-2:])
+    if maps:
+        example = torch.zeros(1, 3, *size)
+        graph = with_backward_written_out(WithAttentionMaps(folded), example)
+        names = [m.name for m in map_outputs(model)] + [e["name"] for e in evidence_outputs(model)]
+        dynamic = None
+    else:
+        example, graph, names = torch.zeros(2, 3, *size), folded, []
+        dynamic = {name: {0: "batch"} for name in (INPUT, LOGITS)}
     with atomic_path(path) as tmp:
         with _EXPORTING, warnings.catch_warnings():
             # The TorchScript exporter announces its own deprecation and the shape inference it runs; neither
@@ -109,6 +128,40 @@ def export_onnx(model: nn.Module, path: str | Path, *, maps: bool = False, size:
                               dynamic_axes=dynamic, opset_version=opset, dynamo=False)
         _set_metadata(tmp, export_metadata(model, maps) | (metadata or {}))
     return path
+
+
+def with_backward_written_out(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``module`` traced on ``example`` into operators an ONNX export takes, its backward passes included: a graph
+    for ``example``'s shape only."""
+    from torch._decomp import get_decompositions
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    aten = torch.ops.aten
+    table = get_decompositions([aten.gelu_backward, aten.native_layer_norm_backward])
+    table[aten.convolution_backward.default] = _convolution_input_gradient
+    with _EXPORTING:
+        return make_fx(module, decomposition_table=table)(example)
+
+
+def _convolution_input_gradient(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias_sizes: Any,
+                                stride: list[int], padding: list[int], dilation: list[int], transposed: bool,
+                                output_padding: list[int], groups: int, mask: list[bool]
+                                ) -> tuple[torch.Tensor, None, None]:
+    """``aten.convolution_backward`` for the input's gradient alone, as a forward convolution: with the kernel
+    flipped and its in and out channels swapped per group at stride 1, transposed otherwise."""
+    if transposed or mask[1] or mask[2]:
+        raise NotImplementedError("only the input gradient of a forward convolution is written out")
+    kernel = weight.shape[-2:]
+    if tuple(stride) == (1, 1):
+        out_channels, in_per_group = weight.shape[:2]
+        swapped = (weight.reshape(groups, out_channels // groups, in_per_group, *kernel).transpose(1, 2)
+                   .reshape(groups * in_per_group, out_channels // groups, *kernel).flip(-2, -1))
+        pad = [d * (k - 1) - p for d, k, p in zip(dilation, kernel, padding)]
+        return F.conv2d(grad, swapped, None, 1, pad, dilation, groups), None, None
+    # the rows and columns a strided convolution never reached come back as zeros
+    extra = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
+             for size, out, s, p, d, k in zip(x.shape[-2:], grad.shape[-2:], stride, padding, dilation, kernel)]
+    return F.conv_transpose2d(grad, weight, None, stride, padding, extra, groups, dilation), None, None
 
 
 def _set_metadata(path: Path, metadata: dict[str, str]) -> None:
@@ -133,11 +186,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def verify_export(model: nn.Module, path: str | Path, batch: int = 2, seed: int = 0) -> float:
     """The largest difference between ``model``'s logits and those ONNX Runtime computes from the file at ``path``,
-    on a random batch of ``batch`` images (infinite when either is not finite)."""
+    on a random batch of ``batch`` images, or of the graph's fixed batch (infinite when either is not finite)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    height, width = session.get_inputs()[0].shape[2:]
+    fixed, _, height, width = session.get_inputs()[0].shape
+    batch = fixed if isinstance(fixed, int) else batch
     x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
         want = copy.deepcopy(model).to("cpu", torch.float32).eval()(x)

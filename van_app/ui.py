@@ -73,9 +73,10 @@ MAX_SESSIONS = 2000
 DEFAULT_CHOICE = "startup"
 EXPIRED = "This result has expired (results are kept for 15 minutes): classify the image again."
 STAGE_NOTE = (
-    "**Stage maps are class-agnostic**: they show where the network's Large Kernel Attention "
-    "gates its features unlike everywhere else (*where the network looks*), not evidence for any class. "
-    "Pick a class below for the **evidence for that class** (LayerCAM on what LKA passes on, `u * attn`)."
+    "The slider shows the **evidence for the predicted class** (LayerCAM on what Large Kernel Attention "
+    "passes on, `u * attn`, at stage 1); pick another class below to see the evidence for it. "
+    "**The gallery's stage maps are class-agnostic**: they show where the network's LKA gates its features "
+    "unlike everywhere else (*where the network looks*), not evidence for any class."
 )
 # Markdown punctuation that could start emphasis, links, autolinks, code, headings, lists, tables or math
 # ("<", ">" and "&" become entities).
@@ -240,8 +241,8 @@ def caption(heatmap: Heatmap) -> str:
 
 
 def slider_value(result: Result, style: Style) -> tuple[PIL.Image.Image, PIL.Image.Image]:
-    """Original and overlay of the class map when one was asked for, else of the combined map, at slider size."""
-    chosen = find_map(result.class_maps or result.analysis.maps, MapKind.COMBINED)
+    """Original and overlay of the evidence for the class asked for, else for the predicted class, at slider size."""
+    chosen = find_map(result.class_maps or result.analysis.evidence, MapKind.COMBINED)
     small = shown(result.image, SLIDER_SIDE)
     return small, overlay(small, chosen, result.analysis.geometry, style.colormap, style.opacity)
 
@@ -327,7 +328,9 @@ def explain_class(page: Page, label: str | None, token: str | None, style: Style
     loaded = page_model(page, result.key)
     if label not in loaded.model.labels:
         raise page_error(f"Unknown class {label!r} for this model.")
-    maps = loaded.class_maps(result.image, loaded.model.labels.index(label))
+    index = loaded.model.labels.index(label)
+    predicted = result.analysis.evidence[-1].target
+    maps = result.analysis.evidence if index == predicted else loaded.class_maps(result.image, index)
     result = replace(result, class_maps=tuple(maps))
     page.results.put(result, token)
     return slider_value(result, style)
@@ -437,14 +440,14 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
         with gr.Row():
             with gr.Column(scale=1):
                 target = gr.Dropdown(choices=startup.model.labels, value=None, filterable=True, elem_id="target",
-                                     label="Evidence for class (LayerCAM on the gated LKA signal, computed when picked)")
+                                     label="Evidence for another class (LayerCAM on the gated LKA signal)")
                 opacity = gr.Slider(0.0, 1.0, value=Style().opacity, step=0.05, label="Overlay opacity")
                 colormap = gr.Dropdown(list(COLORMAPS), value=Style().colormap, label="Colormap")
                 blocks = gr.Checkbox(value=False, label="Also show each block's map")
             with gr.Column(scale=2):
                 compare = gr.ImageSlider(type="pil", max_height=420, format="jpeg", elem_id="compare",
                                          slider_position=25,  # the overlay takes three quarters at first
-                                         label="Original ↔ overlay (combined map, or the class's evidence)")
+                                         label="Original ↔ evidence for the predicted class (or the class picked)")
         with gr.Accordion("Model", open=False):
             picker = gr.Radio(choices, value=DEFAULT_CHOICE, label="Model")
             with gr.Row():
