@@ -30,7 +30,8 @@ from van_app.serving import BodyLimit, ModelKey, ModelStore, ResultStore, fetch_
 from van_app.engines import installed_engines
 from van_app.ui import (GALLERY_SIDE, MAX_PIXELS, SLIDER_SIDE, Page, Style, build_demo, default_key, example_images,
                         explain_class, launch_options, load_for_page, markdown_text, page_model, predict, read_upload,
-                        restyle, slider_value, timing, typed_source)
+                        restyle, shown, slider_value, timing, typed_source)
+from van_app.explain import MapKind, find_map, overlay
 
 slow = pytest.mark.slow
 
@@ -374,6 +375,40 @@ def test_overlays_are_drawn_at_the_size_they_are_shown(page):
     assert [image.size for image, _ in gallery] == [(GALLERY_SIDE, GALLERY_SIDE * 3 // 4)] * 5
     original, overlay = slider_value(page.results.get(key), Style())
     assert original.size == overlay.size == (SLIDER_SIDE, SLIDER_SIDE * 3 // 4)
+
+
+def _disc(page: Page) -> dict:
+    image = Image.new("RGB", (80, 48), (30, 30, 60))
+    ImageDraw.Draw(image).ellipse((8, 8, 40, 40), fill=(240, 200, 30))
+    return uploaded(page, image)
+
+
+def test_the_slider_shows_the_evidence_for_the_predicted_class_at_first(page):
+    top, _, key = predict(page, _disc(page), page.start, Style())
+    result = page.results.get(key)
+    labels = page_model(page, page.start).model.labels
+    assert {m.target for m in result.analysis.evidence} == {labels.index(next(iter(top)))}
+    small = shown(result.image, SLIDER_SIDE)
+    want = overlay(small, find_map(result.analysis.evidence, MapKind.COMBINED), result.analysis.geometry,
+                   Style().colormap, Style().opacity)
+    assert np.array_equal(np.asarray(slider_value(result, Style())[1]), np.asarray(want))
+
+
+def test_picking_the_predicted_class_shows_the_evidence_from_the_same_pass(page, monkeypatch):
+    top, _, key = predict(page, _disc(page), page.start, Style())
+    loaded = page_model(page, page.start)
+    monkeypatch.setattr(loaded, "class_maps", lambda *args: pytest.fail("the evidence was computed again"))
+    explain_class(page, next(iter(top)), key, Style())
+    result = page.results.get(key)
+    assert result.class_maps == tuple(result.analysis.evidence)
+
+
+def test_picking_another_class_shows_the_evidence_for_it(page):
+    top, _, key = predict(page, _disc(page), page.start, Style())
+    labels = page_model(page, page.start).model.labels
+    other = next(label for label in labels if label != next(iter(top)))
+    explain_class(page, other, key, Style())
+    assert {m.target for m in page.results.get(key).class_maps} == {labels.index(other)}
 
 
 def test_timing_says_what_ran_the_model(page):
