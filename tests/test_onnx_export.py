@@ -131,8 +131,8 @@ def test_verify_export_reports_the_largest_logit_difference(official, exported):
 def test_command_writes_a_checked_file(tmp_path, capsys):
     out = tmp_path / "model.onnx"
     assert export_onnx_main([str(OFFICIAL), str(out), "--maps"]) == 0
-    assert "ONNX Runtime matches PyTorch within" in capsys.readouterr().out
-    assert len(read_metadata(out)["attention_maps"]) == 5
+    assert "input (1, 3, 224, 224); ONNX Runtime matches PyTorch within" in capsys.readouterr().out
+    assert len(read_metadata(out)["attention_maps"]) == 5 and len(read_metadata(out)["evidence"]) == 1
 
 
 def test_command_refuses_what_is_not_a_model_in_one_line(tmp_path, capsys):

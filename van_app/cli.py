@@ -466,7 +466,8 @@ def build_export_onnx_parser() -> ArgumentParser:
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                         help="a variant name gets its official ImageNet weights (default: random weights)")
     parser.add_argument("--maps", action=argparse.BooleanOptionalAction, default=False,
-                        help="also output each block's LKA attention map, the heatmaps the app draws")
+                        help="also output each block's LKA attention map and the evidence for the predicted "
+                             "class, the heatmaps the app draws (the graph then takes one image at a time)")
     return parser
 
 
@@ -487,7 +488,8 @@ def _export_onnx(args: argparse.Namespace) -> int:
     if not difference <= 1e-4:
         return _fail(f"{args.output}: ONNX Runtime's logits differ from PyTorch's by {difference:.3g}", code=1)
     print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MB): {model.variant}, "
-          f"{len(model.labels)} labels, input (batch, 3, {model.pretrained_cfg['input_size'][-2]}, "
+          f"{len(model.labels)} labels, input ({1 if args.maps else 'batch'}, 3, "
+          f"{model.pretrained_cfg['input_size'][-2]}, "
           f"{model.pretrained_cfg['input_size'][-1]}); ONNX Runtime matches PyTorch within {difference:.1e}")
     return 0
 
