@@ -125,13 +125,14 @@ SPLITS = {
 }
 DEFAULT = "default: evidence"  # the page's default map: the evidence for the predicted class
 AGNOSTIC = "combined"  # the class-agnostic combined map (the gallery's)
+UNWEIGHTED = "evidence, unweighted"  # the default map without weighting by the class-agnostic map
 SUBSETS = {"stage 1": (0,), "combined 1-2": (0, 1), "combined 1-3": (0, 1, 2), "combined 1-4": (0, 1, 2, 3),
            "combined 1+3": (0, 2)}
 BASELINES = ("Grad-CAM s1", "Grad-CAM s2", "LayerCAM s1", "LayerCAM s2", "EigenCAM s3", "SmoothGrad", "dataset mean",
              "contrast (no network)", "centre Gaussian", "uniform", "random")
 BROKEN = "broken: inverted"
 # Compared with every baseline in the paired tables; scored for faithfulness (with the broken map and the baselines).
-HEADLINE = (DEFAULT, "class combined", AGNOSTIC, "old stage 1", "old combined")
+HEADLINE = (DEFAULT, UNWEIGHTED, "class combined", AGNOSTIC, "old stage 1", "old combined")
 FAITHFULNESS = HEADLINE + ("Grad-CAM s1", "Grad-CAM s2", "LayerCAM s1", "LayerCAM s2", "SmoothGrad", "centre Gaussian",
                            "contrast (no network)", "random", BROKEN)
 ABLATION_SHARES = (0.0, 0.1, 0.2, 0.3, 0.5)
@@ -251,6 +252,10 @@ def app_maps(model: torch.nn.Module, folded: torch.nn.Module, samples: list[Samp
             found = {f"stage {s + 1}": find_map(stages, MapKind.STAGE, s) for s in range(len(strides))}
             found[AGNOSTIC] = find_map(stages, MapKind.COMBINED)
             found[DEFAULT] = find_map(shown_evidence, MapKind.COMBINED)
+            raw = result.evidence[CLASS_STAGES[0]][i].float().numpy()
+            display, constant = normalise(raw)
+            found[UNWEIGHTED] = Heatmap(MapKind.STAGE, raw, display, strides[CLASS_STAGES[0]], constant,
+                                        stage=CLASS_STAGES[0], target=found[DEFAULT].target)
             found.update({name: combine(stages[:-1], subset, absolute=True) for name, subset in SUBSETS.items()
                           if name not in found})
             for rule in CLASS_RULES if candidates else (CLASS_RULE,):
@@ -507,7 +512,7 @@ def paired_rows(results: dict[str, dict[str, Scores]], cfg: Config) -> list[dict
     """The default map minus each baseline per split and metric (deletion and ablation signs flipped: > 0 is better)."""
     rows = []
     for split, per_method in results.items():
-        for other in (*BASELINES, "old stage 1", "old combined", "class combined", AGNOSTIC):
+        for other in (*BASELINES, "old stage 1", "old combined", "class combined", AGNOSTIC, UNWEIGHTED):
             for metric in METRICS:
                 a, b = getattr(per_method[DEFAULT], metric), getattr(per_method[other], metric)
                 if not a or not b:

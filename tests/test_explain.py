@@ -14,6 +14,7 @@ from sklearn.datasets import load_sample_images
 from van_app import fuse, load_model, predict, preprocess
 from van_app.attention import capture_gated, reference
 from van_app.explain import (
+    weighted,
     FULL_SCALE,
     ClassMapCache,
     Heatmap,
@@ -326,6 +327,12 @@ def test_analyse_gives_the_evidence_for_the_predicted_class_that_class_maps_give
     for got, want in zip(analysis.evidence, class_maps(bundled, image, predicted)):
         assert (got.kind, got.stage, got.title) == (want.kind, want.stage, want.title)
         np.testing.assert_allclose(got.raw, want.raw, rtol=1e-4, atol=1e-6 * float(np.abs(want.raw).max()))
+
+
+def test_evidence_counts_only_where_the_gated_signal_departs_from_the_blank():
+    evidence = np.array([[2.0, -1.0], [0.5, 3.0]])
+    agnostic = np.array([[1.0, 4.0], [0.0, 0.5]])
+    assert np.array_equal(weighted(evidence, agnostic), np.array([[2.0, 0.0], [0.0, 1.5]], np.float32))
 
 
 def test_class_maps_differ_per_class(model):
