@@ -252,10 +252,13 @@ def app_maps(model: torch.nn.Module, folded: torch.nn.Module, samples: list[Samp
             found = {f"stage {s + 1}": find_map(stages, MapKind.STAGE, s) for s in range(len(strides))}
             found[AGNOSTIC] = find_map(stages, MapKind.COMBINED)
             found[DEFAULT] = find_map(shown_evidence, MapKind.COMBINED)
-            raw = result.evidence[CLASS_STAGES[0]][i].float().numpy()
-            display, constant = normalise(raw)
-            found[UNWEIGHTED] = Heatmap(MapKind.STAGE, raw, display, strides[CLASS_STAGES[0]], constant,
-                                        stage=CLASS_STAGES[0], target=found[DEFAULT].target)
+            unweighted = []
+            for s, evidence in result.evidence.items():
+                raw = evidence[i].float().numpy()
+                display, constant = normalise(raw)
+                unweighted.append(Heatmap(MapKind.STAGE, raw, display, strides[s], constant, stage=s,
+                                          target=found[DEFAULT].target))
+            found[UNWEIGHTED] = combine(unweighted, CLASS_STAGES)
             found.update({name: combine(stages[:-1], subset, absolute=True) for name, subset in SUBSETS.items()
                           if name not in found})
             for rule in CLASS_RULES if candidates else (CLASS_RULE,):

@@ -219,10 +219,11 @@ def stop_app(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-def hooked_pass(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
+def hooked_pass(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
     """What ``attention_pass`` must give, worked out independently: the unfolded model read with hooks on each LKA,
-    the image and its blank reference in separate passes, and LayerCAM's evidence for each image's predicted class
-    at stage 1 by autograd on that model: (logits, block maps, evidence)."""
+    the image and its blank reference in separate passes, and the evidence for each image's predicted class at
+    stages 1 and 2 (gradient times difference to the reference, by autograd on that model): (logits, block maps,
+    evidence per stage)."""
     from van_app.attention import block_keys, reference, stage_block_maps
     from van_app.model import lka_modules
 
@@ -240,15 +241,16 @@ def hooked_pass(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
         logits, gated = run(x.clone().requires_grad_())
         with torch.no_grad():
             _, blank = run(reference(x))
-        first = [key for key in block_keys(model) if key[0] == 0]
+        early = [key for key in block_keys(model) if key[0] in (0, 1)]
         seed = torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).float()
-        grads = torch.autograd.grad(logits, [gated[key] for key in first], grad_outputs=seed)
-    evidence = sum((grad.clamp_min(0) * (gated[key] - blank[key])).sum(1) for key, grad in zip(first, grads))
+        grads = dict(zip(early, torch.autograd.grad(logits, [gated[key] for key in early], grad_outputs=seed)))
+    evidence = {stage: sum((grads[key] * (gated[key] - blank[key])).sum(1) for key in early if key[0] == stage)
+                .detach() for stage in (0, 1)}
     maps = {}
     for stage in sorted({s for s, _ in gated}):
         keys = [key for key in block_keys(model) if key[0] == stage]
         maps.update(zip(keys, stage_block_maps([gated[k].detach() for k in keys], [blank[k] for k in keys])))
-    return logits.detach(), maps, evidence.detach()
+    return logits.detach(), maps, evidence
 
 
 @pytest.fixture(scope="session")

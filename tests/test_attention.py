@@ -51,8 +51,9 @@ def test_the_pass_gives_the_logits_maps_and_evidence_the_hooked_unfolded_model_g
     assert torch.allclose(result.logits, want_logits, atol=1e-4) and list(result.maps) == block_keys(model)
     for key, expected in want_maps.items():
         assert torch.allclose(result.maps[key], expected, rtol=1e-3, atol=1e-5)
-    assert list(result.evidence) == [0] and result.evidence[0].shape == (2, 16, 16)
-    assert torch.allclose(result.evidence[0], want_evidence, rtol=1e-3, atol=1e-4 * float(want_evidence.abs().max()))
+    assert list(result.evidence) == [0, 1] and result.evidence[0].shape == (2, 16, 16)
+    for stage, expected in want_evidence.items():
+        assert torch.allclose(result.evidence[stage], expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_an_images_evidence_does_not_depend_on_the_rest_of_its_batch(model):
@@ -61,7 +62,8 @@ def test_an_images_evidence_does_not_depend_on_the_rest_of_its_batch(model):
         together = attention_pass(model, x)
         alone = [attention_pass(model, x[i:i + 1]) for i in range(2)]
     for i, single in enumerate(alone):
-        assert torch.allclose(together.evidence[0][i], single.evidence[0][0], rtol=1e-4, atol=1e-7)
+        for stage in (0, 1):
+            assert torch.allclose(together.evidence[stage][i], single.evidence[stage][0], rtol=1e-4, atol=1e-7)
 
 
 def test_an_images_maps_do_not_depend_on_the_rest_of_its_batch(model):

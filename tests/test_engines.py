@@ -103,8 +103,10 @@ def _assert_same_pass(result: Pass, x: torch.Tensor, micro: torch.nn.Module) -> 
     for key, map_ in expected.items():
         assert result.maps[key].shape == map_.shape == (len(x), *map_.shape[-2:])
         assert (result.maps[key] - map_).abs().max() <= 1e-4 * map_.abs().max()
-    assert result.evidence[0].shape == evidence.shape
-    assert (result.evidence[0] - evidence).abs().max() <= 1e-4 * evidence.abs().max()
+    assert list(result.evidence) == list(evidence)
+    for stage, expected in evidence.items():
+        assert result.evidence[stage].shape == expected.shape
+        assert (result.evidence[stage] - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 def test_maps_and_evidence_from_the_same_pass_match_the_hooked_eager_model(micro, served):

@@ -16,12 +16,14 @@ departs from the blank by as much power as the image's average cell carries), a
 blank image of any colour gets exactly zero, and a picture a few grey levels of
 noise away from blank stays below 0.1 (``explain.STRUCTURE_FLOOR``).
 
-The *evidence* for a class k (the page's default map) is LayerCAM on the gated signal
-relative to the reference, ``sum_c relu(d logit_k / d g_c) * (g_c - g0_c)`` per block,
-summed over a stage's blocks (``CLASS_RULES`` also has Grad-CAM's channel weights and
-plain gradient x difference): logit-sized shares per cell, so a blank image gets none.
-Unlike the block maps it depends on every weight from the stage to the logits, so it
-passes the model-randomisation check that a stage-1 block map cannot.
+The *evidence* for a class k (what the page's default map is made of) is the gradient
+times the gated signal's difference to the reference,
+``sum_c (d logit_k / d g_c) * (g_c - g0_c)`` per block, summed over a stage's blocks: each
+cell's first-order share of the logit against the blank (``CLASS_RULES`` also has
+LayerCAM's positive gradients and Grad-CAM's channel weights; ``CLASS_RULE`` and
+``CLASS_STAGES`` were chosen on the heatmap benchmark's validation seed). A blank image
+gets none. Unlike the block maps it depends on every weight from the stage to the
+logits, so it passes the model-randomisation check that a stage-1 block map cannot.
 
 ``attention_pass(model, batch)`` returns a ``Pass``: the logits, every block's map,
 (B, h, w) on the stage's grid, and the evidence for each image's predicted class on
@@ -55,8 +57,8 @@ CLASS_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "gradient": lambda d, grad: (grad * d).sum(-3),
 }
 # The evidence's rule and stages, chosen on the heatmap benchmark's validation seed (benchmarks/heatmaps.py).
-CLASS_RULE = "layercam"
-CLASS_STAGES = (0,)
+CLASS_RULE = "gradient"
+CLASS_STAGES = (0, 1)
 
 
 @dataclass(frozen=True)

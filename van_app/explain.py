@@ -16,17 +16,16 @@ with reduction ``r`` (4, 8, 16, 32) has its cell (i, j) centred on model-input p
   a model served by ``fuse`` computes them inside its graph.
 - Stage map: the mean of the stage's block maps, same units.
 - Class map (*evidence for class k*, the page's default map for the predicted class):
-  LayerCAM on the gated signal relative to the reference,
-  ``E = sum_c relu(d logit_k / d g_c) * (g_c - g0_c)`` per block, summed over a stage's
-  blocks (``attention.CLASS_RULES`` also has Grad-CAM's channel weights and plain
-  gradient x difference), then ``weighted``: ``relu(E)`` times the stage's class-agnostic
-  map, so a cell counts as evidence where its gated signal departs from the blank's (on
-  the benchmark's validation seed this kept the model-randomisation check passing and
-  raised mass in mask from 0.23 to 0.39 off-centre; docs/heatmaps.md). A blank image
-  gets none. The page's class maps are those of ``CLASS_STAGES``. ``analyse`` gets them
-  for the predicted class from the same pass (``Analysis.evidence``); ``class_maps``
-  computes them for any class on the folded model, with autograd from that stage on,
-  without hooks or an input gradient.
+  on each stage of ``CLASS_STAGES`` (stages 1 and 2), the gradient times the gated
+  signal's difference to the reference, ``E = sum_c (d logit_k / d g_c) * (g_c - g0_c)``
+  per block, summed over the stage's blocks (``attention.CLASS_RULES`` also has LayerCAM
+  and Grad-CAM's channel weights), then ``weighted``: ``relu(E)`` times the stage's
+  class-agnostic map, so a cell counts as evidence where its gated signal departs from
+  the blank's. Rule, stages and weighting were chosen on the benchmark's validation seed
+  (docs/heatmaps.md). A blank image gets none. ``analyse`` gets these maps for the
+  predicted class from the same pass (``Analysis.evidence``); ``class_maps`` computes
+  them for any class on the folded model, with autograd from the first of those stages
+  on, without hooks or an input gradient.
 - Combined map: the stage maps of ``COMBINED_STAGES`` resampled (bicubic, clamped at 0)
   onto the finest stage grid and averaged: the class-agnostic maps as they are (their
   units agree), the class maps each divided by its own peak (the per-stage totals of

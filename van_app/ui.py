@@ -73,8 +73,9 @@ MAX_SESSIONS = 2000
 DEFAULT_CHOICE = "startup"
 EXPIRED = "This result has expired (results are kept for 15 minutes): classify the image again."
 STAGE_NOTE = (
-    "The slider shows the **evidence for the predicted class** (LayerCAM on what Large Kernel Attention "
-    "passes on, `u * attn`, at stage 1); pick another class below to see the evidence for it. "
+    "The slider shows the **evidence for the predicted class** (the class's gradient times what Large Kernel "
+    "Attention passes on, `u * attn`, against a blank image, at stages 1-2); pick another class below to see the "
+    "evidence for it. "
     "**The gallery's stage maps are class-agnostic**: they show where the network's LKA gates its features "
     "unlike everywhere else (*where the network looks*), not evidence for any class."
 )
@@ -319,7 +320,7 @@ def details(page: Page, token: str | None, style: Style) -> tuple:
 
 
 def explain_class(page: Page, label: str | None, token: str | None, style: Style) -> tuple[PIL.Image.Image, ...]:
-    """The comparison slider with the evidence for ``label`` (LayerCAM on the gated LKA signal), computed once."""
+    """The comparison slider with the evidence for ``label`` (``explain.class_maps``), computed once."""
     if token is None:
         raise page_error("Classify an image first.")
     result = page.results.get(token)
@@ -440,7 +441,7 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
         with gr.Row():
             with gr.Column(scale=1):
                 target = gr.Dropdown(choices=startup.model.labels, value=None, filterable=True, elem_id="target",
-                                     label="Evidence for another class (LayerCAM on the gated LKA signal)")
+                                     label="Evidence for another class")
                 opacity = gr.Slider(0.0, 1.0, value=Style().opacity, step=0.05, label="Overlay opacity")
                 colormap = gr.Dropdown(list(COLORMAPS), value=Style().colormap, label="Colormap")
                 blocks = gr.Checkbox(value=False, label="Also show each block's map")
