@@ -7,8 +7,9 @@ the official model: it is exported as the export docs say
 graph for each batch size), ONNX Runtime gets ``--threads`` intra-op threads and one
 inter-op thread, OpenVINO ``INFERENCE_NUM_THREADS`` with the LATENCY hint and f32
 precision, and torch the same thread count. "ours" is what ``fuse(model)`` returns,
-called as ``predict`` calls it; "ours + attention maps" is the pass the app makes
-(``forward_with_maps``: logits and every block's map). Every output is checked
+called as ``predict`` calls it; "ours + maps + evidence" is the pass the app makes
+(``forward_with_maps``: logits, every block's map and the evidence for the predicted
+class, one image per graph call). Every output is checked
 against the official model's (1e-4) before timing.
 
 Every figure of one (variant, batch, threads) comes from the same run: each
@@ -257,9 +258,8 @@ def openvino_candidate(path: Path, x: torch.Tensor, threads: int) -> Callable[[]
 
 
 def logits_of(output: object) -> torch.Tensor:
-    """The logits in whatever a candidate returns (a tensor, a list of arrays, or logits and maps)."""
-    if isinstance(output, tuple):
-        output = output[0]
+    """The logits in whatever a candidate returns (a tensor, a list of arrays, or an ``attention.Pass``)."""
+    output = getattr(output, "logits", output)
     if isinstance(output, list):
         output = output[0]
     return torch.as_tensor(np.asarray(output)).float()
@@ -304,7 +304,7 @@ def bench(source: str, device: torch.device, batch: int, threads: int, args: arg
                      "check its graphs and measure the engines (once per weights and shape: then kept on disk)")
         candidates["ours: fuse(model)"] = lambda: ours(x)
         if hasattr(ours, "forward_with_maps"):
-            candidates["ours + attention maps (app's pass)"] = lambda: ours.forward_with_maps(x)
+            candidates["ours + maps + evidence (app's pass)"] = lambda: ours.forward_with_maps(x)
 
     with torch.inference_mode():
         reference = official(x).float()
