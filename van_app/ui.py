@@ -250,7 +250,7 @@ def slider_value(result: Result, style: Style) -> tuple[PIL.Image.Image, PIL.Ima
 
 def timing(result: Result) -> str:
     """Markdown with the time the prediction and the overlays took, and what ran the model."""
-    return (f"Time: {1000 * (result.seconds + result.render_seconds):.0f} ms: prediction and attention maps "
+    return (f"Time: {1000 * (result.seconds + result.render_seconds):.0f} ms: prediction, maps and evidence "
             f"{1000 * result.seconds:.0f} ms ({markdown_text(result.engine)}), overlays "
             f"{1000 * result.render_seconds:.0f} ms")
 
