@@ -345,8 +345,8 @@ class PredictConfig(Options):
                           metavar="CSV")
     k: int = option(5, "labels per image", check=integer(1, 1000))
     batch_size: int = option(16, "images per forward pass", check=integer(1, 4096))
-    heatmaps: Path | None = option(None, "also write each image's attention overlay (PNG) into this folder",
-                                   metavar="DIR", shown="none")
+    heatmaps: Path | None = option(None, "also write each image's evidence map for its predicted class (PNG) into "
+                                   "this folder", metavar="DIR", shown="none")
     workers: int = option(default_factory=default_workers, help="decoding worker processes", check=integer(0, 64),
                           shown="half the CPUs, at most 4")
     threads: int | None = option(None, "threads for the model on the CPU", check=integer(1, 1024),
