@@ -631,14 +631,15 @@ def timings(model: torch.nn.Module, folded: torch.nn.Module, samples: list[Sampl
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     engine = fuse(model)
+    name = getattr(engine, "engine", "engine")
     images = pictures(samples)
     x = [preprocess(model, image) for image in images]
     old = OldClassMaps(model)
     jobs = {
         "prediction (folded PyTorch)": lambda i: folded(x[i]),
         "prediction + maps + evidence (folded PyTorch)": lambda i: attention_pass(folded, x[i]),
-        f"prediction ({getattr(engine, 'engine', 'engine')})": lambda i: engine(x[i]),
-        f"prediction + maps + evidence ({getattr(engine, 'engine', 'engine')})": lambda i: attention_pass(engine, x[i]),
+        f"prediction ({name})": lambda i: engine(x[i]),
+        f"prediction + maps + evidence ({name})": lambda i: attention_pass(engine, x[i]),
         "class maps, before (unfused, hooks)": lambda i: old(images[i], label_of(model, samples[i])),
         "class maps of any class (folded, no hooks)": lambda i: class_maps(folded, images[i], label_of(model, samples[i])),
     }
