@@ -291,11 +291,9 @@ class EngineModel:
     def forward_with_maps(self, batch: torch.Tensor) -> Pass:
         """The logits of ``batch``, each block's attention map ((B, h, w), keyed by (stage, block)) and the evidence
         for each image's predicted class: one pass of the graph per image."""
-        if batch.dim() != 4:
-            raise ValueError(f"expected a (batch, 3, height, width) tensor, got shape {tuple(batch.shape)}")
-        outputs = [torch.cat(parts) for parts in zip(*(self._run(image[None], maps=True) for image in batch))]
-        logits, maps = outputs[0], outputs[1:1 + len(self._keys)]
-        return Pass(logits, dict(zip(self._keys, maps)), dict(zip(CLASS_STAGES, outputs[1 + len(self._keys):])))
+        logits, *outputs = self._run(batch, maps=True)
+        maps = outputs[:len(self._keys)]
+        return Pass(logits, dict(zip(self._keys, maps)), dict(zip(CLASS_STAGES, outputs[len(self._keys):])))
 
     def warm_up(self, maps: bool = True, shape: Sequence[int] | None = None) -> None:
         """Build (or load), check and choose the engine for input ``shape`` (default: one image of the
@@ -304,11 +302,13 @@ class EngineModel:
         self.runner(maps, (1, *shape[1:]) if maps else shape)
 
     def _run(self, batch: torch.Tensor, maps: bool) -> list[torch.Tensor]:
-        """Every output of the graph for ``batch``'s shape, as tensors."""
+        """Every output of the graph for ``batch``'s shape, as tensors; the graph with maps takes one image per call."""
         if batch.dim() != 4:
             raise ValueError(f"expected a (batch, 3, height, width) tensor, got shape {tuple(batch.shape)}")
         x = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-        return [torch.from_numpy(out) for out in self.runner(maps, x.shape)(x)]
+        parts = np.split(x, len(x)) if maps and len(x) > 1 else [x]
+        outputs = zip(*(self.runner(maps, part.shape)(part) for part in parts))
+        return [torch.from_numpy(np.concatenate(out)) for out in outputs]
 
     def runner(self, maps: bool, shape: tuple[int, ...]) -> Runner:
         """The engine that runs input ``shape`` (with maps or not): graph built or loaded, checked and the engine
