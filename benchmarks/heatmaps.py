@@ -627,7 +627,7 @@ def timings(model: torch.nn.Module, folded: torch.nn.Module, samples: list[Sampl
             ) -> dict[str, float]:
     """Milliseconds per image, one thread, interleaved rounds (median): prediction, and the page's pass (prediction,
     maps and evidence; folded eager and the ``fuse`` engine), old class maps (unfused, hooks, input gradient) and new
-    ones for any class (folded, no hooks)."""
+    ones for any class (folded, no hooks; and the engine's graph with that class as its target)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     engine = fuse(model)
@@ -642,6 +642,8 @@ def timings(model: torch.nn.Module, folded: torch.nn.Module, samples: list[Sampl
         f"prediction + maps + evidence ({name})": lambda i: attention_pass(engine, x[i]),
         "class maps, before (unfused, hooks)": lambda i: old(images[i], label_of(model, samples[i])),
         "class maps of any class (folded, no hooks)": lambda i: class_maps(folded, images[i], label_of(model, samples[i])),
+        f"class maps of any class ({name}, the page's picker)":
+            lambda i: class_maps(engine, images[i], label_of(model, samples[i])),
     }
     times: dict[str, list[float]] = {name: [] for name in jobs}
     try:

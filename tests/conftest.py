@@ -219,11 +219,12 @@ def stop_app(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
-def hooked_pass(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+def hooked_pass(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict, dict]:
     """What ``attention_pass`` must give, worked out independently: the unfolded model read with hooks on each LKA,
-    the image and its blank reference in separate passes, and the evidence for each image's predicted class at
-    stages 1 and 2 (gradient times difference to the reference, by autograd on that model): (logits, block maps,
-    evidence per stage)."""
+    the image and its blank reference in separate passes, and the evidence for each image's ``target`` class (by
+    default its predicted class) at stages 1 and 2 (gradient times difference to the reference, by autograd on
+    that model): (logits, block maps, evidence per stage)."""
     from van_app.attention import block_keys, reference, stage_block_maps
     from van_app.model import lka_modules
 
@@ -242,7 +243,7 @@ def hooked_pass(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
         with torch.no_grad():
             _, blank = run(reference(x))
         early = [key for key in block_keys(model) if key[0] in (0, 1)]
-        seed = torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).float()
+        seed = torch.nn.functional.one_hot(logits.argmax(1) if target is None else target, logits.shape[1]).float()
         grads = dict(zip(early, torch.autograd.grad(logits, [gated[key] for key in early], grad_outputs=seed)))
     evidence = {stage: sum((grads[key] * (gated[key] - blank[key])).sum(1) for key in early if key[0] == stage)
                 .detach() for stage in (0, 1)}

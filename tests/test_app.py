@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFile
 from van_app import pretrained_variants
 from van_app.images import ImageLimits, ImageTooLargeError
 from van_app.serving import BodyLimit, ModelKey, ModelStore, ResultStore, fetch_limited
-from van_app.engines import installed_engines
+from van_app.engines import EngineModel, installed_engines
 from van_app.ui import (GALLERY_SIDE, MAX_PIXELS, SLIDER_SIDE, Page, Style, build_demo, default_key, example_images,
                         explain_class, launch_options, load_for_page, markdown_text, page_model, predict, read_upload,
                         restyle, shown, slider_value, timing, typed_source)
@@ -409,6 +409,19 @@ def test_picking_another_class_shows_the_evidence_for_it(page):
     other = next(label for label in labels if label != next(iter(top)))
     explain_class(page, other, key, Style())
     assert {m.target for m in page.results.get(key).class_maps} == {labels.index(other)}
+
+
+def test_picking_another_class_runs_on_the_served_engine_once_it_is_built(page, monkeypatch):
+    top, _, key = predict(page, _disc(page), page.start, Style())
+    loaded = page_model(page, page.start)
+    assert loaded.ready.wait(120) and isinstance(loaded.fast, EngineModel)
+    runs = []
+    cache = loaded.class_maps
+    monkeypatch.setattr(loaded, "class_maps", lambda image, index, served: runs.append(served) or cache(image, index,
+                                                                                                         served))
+    other = next(label for label in loaded.model.labels if label != next(iter(top)))
+    explain_class(page, other, key, Style())
+    assert runs == [loaded.fast]
 
 
 def test_timing_says_what_ran_the_model(page):

@@ -56,6 +56,23 @@ def test_the_pass_gives_the_logits_maps_and_evidence_the_hooked_unfolded_model_g
         assert torch.allclose(result.evidence[stage], expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
 
 
+def test_the_pass_gives_the_evidence_for_each_images_class_asked_for(model):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        predicted = attention_pass(model, x).target
+        asked = (predicted + torch.tensor([1, 2])) % model.num_classes
+        result = attention_pass(model, x, asked)
+    _, _, want = hooked_pass(model, x, asked)
+    assert torch.equal(result.target, asked)
+    for stage, expected in want.items():
+        assert torch.allclose(result.evidence[stage], expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_a_target_class_the_model_does_not_have_is_refused(model):
+    with pytest.raises(ValueError, match=r"target classes must be in 0\.\.2 .*got \[3\]"):
+        attention_pass(model, torch.randn(1, 3, 64, 64), model.num_classes)
+
+
 def test_an_images_evidence_does_not_depend_on_the_rest_of_its_batch(model):
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():

@@ -22,7 +22,7 @@ from van_app.attention import Pass, attention_pass, block_keys
 from van_app.cache import MAX_AGE_DAYS, cache_dir, model_digest
 from van_app import engines
 from van_app.engines import EngineModel, Runner, fastest, installed_engines
-from van_app.explain import analyse, find_map
+from van_app.explain import analyse, class_maps, find_map
 from van_app.fold import fold
 from van_app.onnx_export import export_onnx, read_metadata
 
@@ -95,9 +95,12 @@ def test_another_input_size_gets_its_own_graph(micro, served):
         assert (served(x) - micro(x)).abs().max() <= 1e-4
 
 
-def _assert_same_pass(result: Pass, x: torch.Tensor, micro: torch.nn.Module) -> None:
-    """``result`` holds the logits, maps and evidence the hooked unfolded model gives for ``x``."""
-    want, expected, evidence = hooked_pass(micro, x)
+def _assert_same_pass(result: Pass, x: torch.Tensor, micro: torch.nn.Module, target: torch.Tensor | None = None
+                      ) -> None:
+    """``result`` holds the logits, maps and evidence (for class ``target``, default the predicted one) the hooked
+    unfolded model gives for ``x``."""
+    want, expected, evidence = hooked_pass(micro, x, target)
+    assert torch.equal(result.target, want.argmax(1) if target is None else target)
     assert (result.logits - want).abs().max() <= 1e-4
     assert list(result.maps) == sorted(expected) == block_keys(micro)
     for key, map_ in expected.items():
@@ -114,6 +117,28 @@ def test_maps_and_evidence_from_the_same_pass_match_the_hooked_eager_model(micro
     with torch.inference_mode():
         result = served.forward_with_maps(x)
     _assert_same_pass(result, x, micro)
+
+
+def test_the_served_pass_gives_the_evidence_for_each_images_class_asked_for(micro, served):
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        asked = (served(x).argmax(1) + torch.tensor([1, 3])) % micro.num_classes
+        result = served.forward_with_maps(x, asked)
+    _assert_same_pass(result, x, micro, asked)
+
+
+def test_class_maps_on_the_served_model_match_the_folded_models(micro, served):
+    for index in range(micro.num_classes):
+        want, got = class_maps(fold(micro), _picture(), index), class_maps(served, _picture(), index)
+        assert [m.title for m in got] == [m.title for m in want]
+        for found, expected in zip(got, want):
+            np.testing.assert_allclose(found.raw, expected.raw, rtol=1e-3,
+                                       atol=1e-4 * float(np.abs(expected.raw).max()))
+
+
+def test_a_served_model_refuses_class_maps_its_graph_does_not_compute(served):
+    with pytest.raises(ValueError, match="rule 'gradient' on stages"):
+        class_maps(served, _picture(), 0, rule="gradcam")
 
 
 def test_folded_eager_model_gives_the_same_maps_without_hooks(micro):

@@ -15,6 +15,8 @@ from van_app.cli import export_onnx_main
 from van_app.onnx_export import (
     INPUT,
     LOGITS,
+    TARGET,
+    TARGET_OUTPUT,
     evidence_outputs,
     map_outputs,
     read_metadata,
@@ -44,9 +46,15 @@ def with_maps(official, tmp_path_factory) -> Path:
     return export_onnx(official, tmp_path_factory.mktemp("onnx") / "maps.onnx", maps=True)
 
 
-def run(path: Path, x: torch.Tensor, outputs: list[str] | None = None) -> list[np.ndarray]:
-    """The outputs ONNX Runtime computes from the file at ``path`` for ``x``."""
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(outputs, {INPUT: x.numpy()})
+def run(path: Path, x: torch.Tensor, outputs: list[str] | None = None, target: int | None = None
+        ) -> list[np.ndarray]:
+    """The outputs ONNX Runtime computes from the file at ``path`` for ``x`` (and, for a graph with maps, class
+    ``target``, -1 for the predicted one)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {INPUT: x.numpy()}
+    if len(session.get_inputs()) > 1:
+        feed[TARGET] = np.array([-1 if target is None else target], np.int64)
+    return session.run(outputs, feed)
 
 
 def test_exported_logits_match_the_official_implementation_within_1e4(exported, reference):
@@ -89,12 +97,26 @@ def test_attention_maps_and_evidence_match_the_hooked_eager_model(official, with
     metadata = read_metadata(with_maps)
     assert metadata["attention_maps"][1] == {"name": "attention.1.0", "stage": 1, "block": 0, "stride": 8}
     assert metadata["evidence"] == [{"name": f"evidence.{s}", "stage": s, "stride": 4 * 2**s, "rule": "gradient",
-                                     "target": "predicted"} for s in (0, 1)]
+                                     "target": TARGET_OUTPUT} for s in (0, 1)]
 
 
-def test_a_graph_with_maps_takes_one_image(with_maps):
+def test_a_graph_with_maps_gives_the_evidence_for_the_class_asked_for(official, with_maps, reference):
+    x = reference["input"][:1]
+    names = [e["name"] for e in evidence_outputs(official)]
+    predicted = int(run(with_maps, x, [TARGET_OUTPUT])[0][0])
+    other = (predicted + 3) % official.num_classes
+    *outputs, chosen = run(with_maps, x, [*names, TARGET_OUTPUT], target=other)
+    _, _, evidence = hooked_pass(official, x, torch.tensor([other]))
+    assert chosen.tolist() == [other]
+    for got, expected in zip(outputs, evidence.values()):
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+    assert not np.allclose(outputs[0], run(with_maps, x, [names[0]])[0])
+
+
+def test_a_graph_with_maps_takes_one_image_and_its_target_class(with_maps):
     session = ort.InferenceSession(str(with_maps), providers=["CPUExecutionProvider"])
-    assert session.get_inputs()[0].shape == [1, 3, 224, 224]
+    image, target = session.get_inputs()
+    assert (image.shape, target.name, target.shape, target.type) == ([1, 3, 224, 224], TARGET, [1], "tensor(int64)")
 
 
 @pytest.mark.parametrize(("stride", "padding", "dilation", "groups"),
@@ -110,10 +132,12 @@ def test_a_convolutions_input_gradient_is_written_out_as_forward_operators(strid
                 return torch.autograd.grad(conv(x).square().sum(), x)[0]
 
     x = torch.randn(1, 4, 23, 23)
-    traced = with_backward_written_out(InputGradient(), x)
+    traced = with_backward_written_out(InputGradient(), (x,))
     ops = {str(node.target) for node in traced.graph.nodes if node.op == "call_function"}
     assert not any("backward" in op for op in ops)
     torch.testing.assert_close(traced(x), InputGradient()(x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_failed_export_leaves_no_file(official, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         Path(args[2]).write_bytes(b"half a graph")
@@ -132,7 +156,8 @@ def test_verify_export_reports_the_largest_logit_difference(official, exported):
 def test_command_writes_a_checked_file(tmp_path, capsys):
     out = tmp_path / "model.onnx"
     assert export_onnx_main([str(OFFICIAL), str(out), "--maps"]) == 0
-    assert "input (1, 3, 224, 224); ONNX Runtime matches PyTorch within" in capsys.readouterr().out
+    assert ("input (1, 3, 224, 224) and target (1,), the class to explain (-1: the predicted one); ONNX Runtime "
+            "matches PyTorch within") in capsys.readouterr().out
     assert len(read_metadata(out)["attention_maps"]) == 5 and len(read_metadata(out)["evidence"]) == 2
 
 

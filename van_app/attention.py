@@ -25,11 +25,11 @@ LayerCAM's positive gradients and Grad-CAM's channel weights; ``CLASS_RULE`` and
 gets none. Unlike the block maps it depends on every weight from the stage to the
 logits, so it passes the model-randomisation check that a stage-1 block map cannot.
 
-``attention_pass(model, batch)`` returns a ``Pass``: the logits, every block's map,
-(B, h, w) on the stage's grid, and the evidence for each image's predicted class on
-each stage of ``CLASS_STAGES``, from one pass of the images and their references
-(one forward pass each, one backward pass from the predicted logits to the gated
-signals):
+``attention_pass(model, batch, target)`` returns a ``Pass``: the logits, every block's
+map, (B, h, w) on the stage's grid, and the evidence for each image's ``target`` class
+(by default its predicted class) on each stage of ``CLASS_STAGES``, from one pass of
+the images and their references (one forward pass each, one backward pass from the
+target logits to the gated signals):
 
 - a model served by an engine (``fuse``) returns them from its graph's extra outputs
   (``forward_with_maps``): the backward pass is part of the exported graph;
@@ -64,11 +64,12 @@ CLASS_STAGES = (0, 1)
 @dataclass(frozen=True)
 class Pass:
     """One pass of a batch: ``logits`` (B, classes), each block's map (B, h, w) keyed by (stage, block), and per
-    stage of ``CLASS_STAGES`` the evidence (B, h, w) for each image's predicted class."""
+    stage of ``CLASS_STAGES`` the evidence (B, h, w) for each image's ``target`` class."""
 
     logits: torch.Tensor
     maps: Maps
     evidence: dict[int, torch.Tensor]
+    target: torch.Tensor  # (B,) the class each image's evidence is for
 
 
 def departure(x: torch.Tensor) -> torch.Tensor:
@@ -143,10 +144,12 @@ def evidence(logits: torch.Tensor, gated: list[list[torch.Tensor]], gated_refere
 
 
 class WithAttentionMaps(nn.Module):
-    """A folded VAN whose forward returns its logits, each block's map in (stage, block) order, then the evidence for
-    each image's predicted class on each stage of ``CLASS_STAGES``.
+    """A folded VAN whose forward returns its logits, each block's map in (stage, block) order, the evidence for each
+    image's target class on each stage of ``CLASS_STAGES``, then those classes (B,).
 
-    Autograd runs inside, even under ``torch.inference_mode``, for the evidence's backward pass.
+    ``target`` (B,) names each image's class; a negative entry, or no ``target``, means
+    the predicted class. Autograd runs inside, even under ``torch.inference_mode``, for
+    the evidence's backward pass.
     """
 
     def __init__(self, folded: nn.Module) -> None:
@@ -155,16 +158,18 @@ class WithAttentionMaps(nn.Module):
             raise TypeError("WithAttentionMaps needs a folded VAN (fold.fold)")
         self.van = folded
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         with torch.inference_mode(False), torch.enable_grad():
             x = x.clone()  # a tensor made in inference mode cannot be recorded for a backward pass
             with torch.no_grad():
                 _, gated_reference = gated_stages(self.van, reference(x))
             logits, gated = gated_stages(self.van, x, grad_from=min(CLASS_STAGES))
-            shown = evidence(logits, gated, gated_reference, logits.argmax(-1))
+            predicted = logits.argmax(-1)
+            chosen = predicted if target is None else torch.where(target < 0, predicted, target)
+            shown = evidence(logits, gated, gated_reference, chosen)
         with torch.no_grad():
             maps = [m for g, g0 in zip(gated, gated_reference) for m in stage_block_maps(g, g0)]
-        return logits.detach(), *maps, *(shown[s].detach() for s in CLASS_STAGES)
+        return logits.detach(), *maps, *(shown[s].detach() for s in CLASS_STAGES), chosen
 
 
 def block_keys(model: nn.Module) -> list[tuple[int, int]]:
@@ -185,15 +190,33 @@ def capture_gated(model: nn.Module) -> Iterator[Maps]:
             handle.remove()
 
 
-def attention_pass(model: nn.Module, batch: torch.Tensor) -> Pass:
-    """The logits of ``batch``, each block's map and the evidence for each image's predicted class, from one pass.
+def targets(target: int | Sequence[int] | torch.Tensor | None, batch: int, classes: int) -> torch.Tensor:
+    """``target`` as the (``batch``,) int64 tensor ``WithAttentionMaps`` takes (-1: the predicted class); a
+    ``ValueError`` for a class out of range or a count that is not ``batch``."""
+    if target is None:
+        return torch.full((batch,), -1, dtype=torch.int64)
+    chosen = torch.as_tensor(target, dtype=torch.int64).reshape(-1).cpu()
+    chosen = chosen.expand(batch) if chosen.numel() == 1 else chosen
+    if chosen.numel() != batch:
+        raise ValueError(f"expected one target class per image ({batch}), got {chosen.numel()}")
+    if ((chosen < -1) | (chosen >= classes)).any():
+        raise ValueError(f"target classes must be in 0..{classes - 1} (or -1 for the predicted class), got "
+                         f"{chosen.tolist()}")
+    return chosen.contiguous()
+
+
+def attention_pass(model: nn.Module, batch: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None = None
+                   ) -> Pass:
+    """The logits of ``batch``, each block's map and the evidence for each image's ``target`` class (one class for
+    all, one per image, or by default each image's predicted class), from one pass.
 
     ``model`` is a VAN (folded here unless it is; ``fold`` copies it, so callers that
     pass the same model often fold it once) or a model with ``forward_with_maps``.
     """
     if hasattr(model, "forward_with_maps"):
-        return model.forward_with_maps(batch)
+        return model.forward_with_maps(batch, target)
     folded = model if is_folded(model) else fold(model)
-    logits, *outputs = WithAttentionMaps(folded)(batch)
+    chosen = targets(target, len(batch), folded.num_classes).to(batch.device)
+    logits, *outputs, chosen = WithAttentionMaps(folded)(batch, chosen)
     keys = block_keys(folded)
-    return Pass(logits, dict(zip(keys, outputs)), dict(zip(CLASS_STAGES, outputs[len(keys):])))
+    return Pass(logits, dict(zip(keys, outputs)), dict(zip(CLASS_STAGES, outputs[len(keys):])), chosen)

@@ -466,8 +466,9 @@ def build_export_onnx_parser() -> ArgumentParser:
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                         help="a variant name gets its official ImageNet weights (default: random weights)")
     parser.add_argument("--maps", action=argparse.BooleanOptionalAction, default=False,
-                        help="also output each block's LKA attention map and the evidence for the predicted "
-                             "class, the heatmaps the app draws (the graph then takes one image at a time)")
+                        help="also output each block's LKA attention map and the evidence for a class, the "
+                             "heatmaps the app draws (the graph then takes one image at a time and, as its "
+                             "second input 'target', the class to explain: -1 for the predicted one)")
     return parser
 
 
@@ -489,8 +490,9 @@ def _export_onnx(args: argparse.Namespace) -> int:
         return _fail(f"{args.output}: ONNX Runtime's logits differ from PyTorch's by {difference:.3g}", code=1)
     print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MB): {model.variant}, "
           f"{len(model.labels)} labels, input ({1 if args.maps else 'batch'}, 3, "
-          f"{model.pretrained_cfg['input_size'][-2]}, "
-          f"{model.pretrained_cfg['input_size'][-1]}); ONNX Runtime matches PyTorch within {difference:.1e}")
+          f"{model.pretrained_cfg['input_size'][-2]}, {model.pretrained_cfg['input_size'][-1]})"
+          f"{' and target (1,), the class to explain (-1: the predicted one)' if args.maps else ''}; "
+          f"ONNX Runtime matches PyTorch within {difference:.1e}")
     return 0
 
 

@@ -4,8 +4,8 @@
 called on a batch tensor it returns the logits, and it carries the model's
 ``labels``, ``pretrained_cfg``, ``feature_info``..., so ``predict``, ``analyse`` and
 ``van-predict`` take it. ``forward_with_maps`` returns the logits, every block's
-attention map and the evidence for the predicted class from one pass of a graph that
-has them as extra outputs (one image per call of that graph).
+attention map and the evidence for any class (by default the predicted one) from one
+pass of a graph that has them as extra outputs (one image per call of that graph).
 
 Each graph (logits only, or with maps; one per input size) is exported once per
 weights and kept in the disk cache (``cache``), keyed by the weights and by the code
@@ -57,7 +57,8 @@ from .cache import entry_path, load_or_build, model_digest
 from .errors import first_line
 from .files import write_json
 from .fold import fold
-from .onnx_export import FORMAT, INPUT, OPSET, export_onnx
+from .attention import targets
+from .onnx_export import FORMAT, OPSET, export_onnx
 from .predict import data_config
 
 ENGINES = ("onnxruntime", "openvino")
@@ -72,14 +73,15 @@ PROBE_SEED = 0  # the random input every graph is checked on
 
 @dataclass(frozen=True)
 class Runner:
-    """One engine running one ONNX file: called on an input array it returns every output; and the file's metadata."""
+    """One engine running one ONNX file: called on its input arrays (the image batch first) it returns every output;
+    and the file's metadata."""
 
     engine: str
-    run: Callable[[np.ndarray], list[np.ndarray]]
+    run: Callable[..., list[np.ndarray]]
     metadata: dict[str, str]
 
-    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
-        return self.run(x)
+    def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
+        return self.run(*inputs)
 
 
 def installed_engines() -> list[str]:
@@ -96,16 +98,17 @@ def onnxruntime_runner(path: Path, threads: int) -> Runner:
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # no warnings about unused initializers and the like on stderr
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
     # one session serves concurrent calls
-    return Runner("onnxruntime", lambda x: session.run(None, {INPUT: x}),
+    return Runner("onnxruntime", lambda *inputs: session.run(None, dict(zip(names, inputs))),
                   dict(session.get_modelmeta().custom_metadata_map))
 
 
 def openvino_runner(path: Path, threads: int) -> Runner:
     """OpenVINO on the CPU (``threads`` threads, latency hint, f32) running the graph at ``path``.
 
-    The graph is compiled for each input shape on its first call: OpenVINO runs a static
-    batch size faster than a dynamic one (about 6% for van_b0). An infer request serves
+    The graph is compiled for each shape of its first input on its first call: OpenVINO
+    runs a static batch size faster than a dynamic one (about 6% for van_b0). An infer request serves
     one call at a time, so concurrent calls each take one from a pool. Compiling and
     freeing happen on a thread of the runner's own (``_openvino_thread``); inference runs
     on the caller's thread.
@@ -118,7 +121,7 @@ def openvino_runner(path: Path, threads: int) -> Runner:
     thread.start()
     metadata = loaded.result()
 
-    def run(x: np.ndarray) -> list[np.ndarray]:
+    def run(x: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
         idle = pools.get(x.shape)
         request = idle.pop() if idle else None
         if request is None:
@@ -126,7 +129,7 @@ def openvino_runner(path: Path, threads: int) -> Runner:
             jobs.put((x.shape, made))
             request = made.result()
         try:
-            results = request.infer({0: x})
+            results = request.infer(dict(enumerate((x, *others))))
             # the request reuses its output buffers on the next call
             return [np.array(results[i]) for i in range(len(results))]
         finally:
@@ -184,25 +187,26 @@ def _openvino_thread(path: Path, threads: int, jobs: queue.SimpleQueue, loaded: 
 RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
 
 
-def fastest(runners: list[Runner], x: np.ndarray, rounds: int = 5, round_seconds: float = 0.05) -> Runner:
-    """The runner of ``runners`` quickest on ``x`` in its median round: rounds interleaved, each of enough calls to
-    last about ``round_seconds``, after a first untimed call each (which compiles where an engine compiles).
+def fastest(runners: list[Runner], inputs: Sequence[np.ndarray], rounds: int = 5, round_seconds: float = 0.05
+            ) -> Runner:
+    """The runner of ``runners`` quickest on ``inputs`` in its median round: rounds interleaved, each of enough calls
+    to last about ``round_seconds``, after a first untimed call each (which compiles where an engine compiles).
 
     The median, not the best round: on a machine where other work takes a core, an engine
     whose threads wait for each other (ONNX Runtime) has good best rounds and slow typical ones.
     """
     calls = []
     for runner in runners:
-        runner(x)
+        runner(*inputs)
         start = time.perf_counter()
-        runner(x)
+        runner(*inputs)
         calls.append(max(1, round(round_seconds / max(time.perf_counter() - start, 1e-6))))
     seconds: list[list[float]] = [[] for _ in runners]
     for _ in range(rounds):
         for runner, n, times in zip(runners, calls, seconds):
             start = time.perf_counter()
             for _ in range(n):
-                runner(x)
+                runner(*inputs)
             times.append((time.perf_counter() - start) / n)
     medians = [float(np.median(times)) for times in seconds]
     return runners[medians.index(min(medians))]
@@ -226,8 +230,8 @@ def _machine() -> str:
 
 
 def _summary(outputs: list[torch.Tensor]) -> dict[str, list[float]]:
-    """What a graph's check compares: every logit of the probe, and each map's (attention, evidence) sum and largest
-    value, in magnitude."""
+    """What a graph's check compares: every logit of the probe, and each later output's (attention map, evidence,
+    the evidence's class) sum and largest value, in magnitude."""
     return {"logits": outputs[0].reshape(-1).tolist(),
             "maps": [[float(m.double().abs().sum()), float(m.abs().max())] for m in outputs[1:]]}
 
@@ -288,12 +292,13 @@ class EngineModel:
         """The logits of ``batch`` (B, 3, H, W), preprocessed as the model expects."""
         return self._run(batch, maps=False)[0]
 
-    def forward_with_maps(self, batch: torch.Tensor) -> Pass:
+    def forward_with_maps(self, batch: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None = None
+                          ) -> Pass:
         """The logits of ``batch``, each block's attention map ((B, h, w), keyed by (stage, block)) and the evidence
-        for each image's predicted class: one pass of the graph per image."""
-        logits, *outputs = self._run(batch, maps=True)
+        for each image's ``target`` class (default: its predicted class): one pass of the graph per image."""
+        logits, *outputs, chosen = self._run(batch, maps=True, target=target)
         maps = outputs[:len(self._keys)]
-        return Pass(logits, dict(zip(self._keys, maps)), dict(zip(CLASS_STAGES, outputs[len(self._keys):])))
+        return Pass(logits, dict(zip(self._keys, maps)), dict(zip(CLASS_STAGES, outputs[len(self._keys):])), chosen)
 
     def warm_up(self, maps: bool = True, shape: Sequence[int] | None = None) -> None:
         """Build (or load), check and choose the engine for input ``shape`` (default: one image of the
@@ -301,13 +306,18 @@ class EngineModel:
         shape = tuple(shape or (1, 3, *self.input_size))
         self.runner(maps, (1, *shape[1:]) if maps else shape)
 
-    def _run(self, batch: torch.Tensor, maps: bool) -> list[torch.Tensor]:
-        """Every output of the graph for ``batch``'s shape, as tensors; the graph with maps takes one image per call."""
+    def _run(self, batch: torch.Tensor, maps: bool, target: int | Sequence[int] | torch.Tensor | None = None
+             ) -> list[torch.Tensor]:
+        """Every output of the graph for ``batch``'s shape, as tensors; the graph with maps takes one image and its
+        target class (``attention.targets``) per call."""
         if batch.dim() != 4:
             raise ValueError(f"expected a (batch, 3, height, width) tensor, got shape {tuple(batch.shape)}")
         x = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-        parts = np.split(x, len(x)) if maps and len(x) > 1 else [x]
-        outputs = zip(*(self.runner(maps, part.shape)(part) for part in parts))
+        if not maps:
+            return [torch.from_numpy(out) for out in self.runner(False, x.shape)(x)]
+        chosen = targets(target, len(x), self.num_classes).numpy()
+        run = self.runner(True, (1, *x.shape[1:]))
+        outputs = zip(*(run(x[i:i + 1], chosen[i:i + 1]) for i in range(len(x))))
         return [torch.from_numpy(np.concatenate(out)) for out in outputs]
 
     def runner(self, maps: bool, shape: tuple[int, ...]) -> Runner:
@@ -317,7 +327,7 @@ class EngineModel:
         if key not in self._chosen:
             with self._building:
                 if key not in self._chosen:
-                    self._chosen[key] = self._choose(self._graph(maps, tuple(shape[-2:])), key[1])
+                    self._chosen[key] = self._choose(self._graph(maps, tuple(shape[-2:])), maps, key[1])
         return self._chosen[key]
 
     def _graph(self, maps: bool, size: tuple[int, int]) -> list[Runner]:
@@ -330,7 +340,7 @@ class EngineModel:
             for engine in self.engines:
                 try:
                     runners.append(load_or_build(path, partial(self._export, key=path.stem, maps=maps, size=size),
-                                                 partial(self._load, engine=engine, size=size)))
+                                                 partial(self._load, engine=engine, maps=maps, size=size)))
                 except Exception as failure:  # noqa: BLE001 - whatever one engine raises, the others still serve
                     if len(self.engines) == 1:
                         raise
@@ -340,8 +350,9 @@ class EngineModel:
             self._graphs[(maps, *size)] = runners
         return self._graphs[(maps, *size)]
 
-    def _choose(self, runners: list[Runner], shape: tuple[int, ...]) -> Runner:
-        """The runner for ``shape``: the only one, the one measured fastest here before, or the fastest now."""
+    def _choose(self, runners: list[Runner], maps: bool, shape: tuple[int, ...]) -> Runner:
+        """The runner for ``shape`` (with maps or not): the only one, the one measured fastest here before, or the
+        fastest now."""
         if len(runners) == 1:
             return runners[0]
         versions = [f"{r.engine} {importlib.import_module(r.engine).__version__}" for r in runners]
@@ -352,14 +363,19 @@ class EngineModel:
             return by_engine[json.loads(record.read_text())["engine"]]
         except (OSError, ValueError, KeyError, TypeError):  # none recorded yet, or not readable: measure
             pass
-        x = torch.randn(*shape, generator=torch.Generator().manual_seed(PROBE_SEED)).numpy()
-        chosen = fastest(runners, x)
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(PROBE_SEED))
+        chosen = fastest(runners, self._inputs(x, maps))
         write_json(record, {"engine": chosen.engine, "shape": list(shape), "threads": self.threads})
         return chosen
 
     def _probe(self, size: tuple[int, int]) -> torch.Tensor:
         """The fixed random batch of one that every graph for ``size`` is checked on."""
         return torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(PROBE_SEED))
+
+    @staticmethod
+    def _inputs(x: torch.Tensor, maps: bool) -> list[np.ndarray]:
+        """A graph's inputs for batch ``x``: with maps, also the target class of each image, the predicted one."""
+        return [x.numpy()] + ([np.full(len(x), -1, np.int64)] if maps else [])
 
     def _export(self, path: Path, key: str, maps: bool, size: tuple[int, int]) -> None:
         """Write the graph to ``path``, with its cache ``key`` and the PyTorch model's outputs on the probe as
@@ -368,19 +384,19 @@ class EngineModel:
             if maps:
                 found = attention_pass(self._source, self._probe(size))
                 outputs = [found.logits, *(found.maps[block] for block in self._keys),
-                           *(found.evidence[s] for s in CLASS_STAGES)]
+                           *(found.evidence[s] for s in CLASS_STAGES), found.target]
             else:
                 outputs = [self._source(self._probe(size))]
         export_onnx(self._source, path, maps=maps, size=size,
                     metadata={"cache_key": key, "expected": json.dumps(_summary(outputs))})
 
-    def _load(self, path: Path, engine: str, size: tuple[int, int]) -> Runner:
+    def _load(self, path: Path, engine: str, maps: bool, size: tuple[int, int]) -> Runner:
         """``engine`` on the file at ``path`` once the file is the one its name says and reproduces the outputs
         recorded in it; ``ValueError`` otherwise."""
         run = RUNNERS[engine](path, self.threads)
         if run.metadata.get("cache_key") != path.stem:
             raise ValueError("it was written for another model")
-        got = _summary([torch.from_numpy(out) for out in run(self._probe(size).numpy())])
+        got = _summary([torch.from_numpy(out) for out in run(*self._inputs(self._probe(size), maps))])
         if not _matches(got, json.loads(run.metadata.get("expected", "null")) or {"logits": [], "maps": []}):
             raise ValueError("its outputs differ from the model's")
         return run

@@ -24,8 +24,9 @@ with reduction ``r`` (4, 8, 16, 32) has its cell (i, j) centred on model-input p
   the blank's. Rule, stages and weighting were chosen on the benchmark's validation seed
   (docs/heatmaps.md). A blank image gets none. ``analyse`` gets these maps for the
   predicted class from the same pass (``Analysis.evidence``); ``class_maps`` computes
-  them for any class on the folded model, with autograd from the first of those stages
-  on, without hooks or an input gradient.
+  them for any class: with the engine's graph where ``fuse`` built one (its ``target``
+  input), else on the folded model, with autograd from the first of those stages on,
+  without hooks or an input gradient.
 - Combined map: the stage maps of ``COMBINED_STAGES`` resampled (bicubic, clamped at 0)
   onto the finest stage grid and averaged: the class-agnostic maps as they are (their
   units agree), the class maps each divided by its own peak (the per-stage totals of
@@ -324,13 +325,13 @@ def analyse(model: nn.Module, image: Image.Image, k: int = 5, blocks: bool = Fal
 def maps_of_pass(result: Pass, index: int, strides: list[int], blocks: bool = False
                  ) -> tuple[list[Heatmap], list[Heatmap]]:
     """Image ``index`` of an ``attention_pass`` result: its class-agnostic maps (stages, combined, and each block's
-    with ``blocks``) and its evidence maps for its predicted class."""
+    with ``blocks``) and its evidence maps for the pass's target class (by default the predicted one)."""
     mine = {key: m[index] for key, m in result.maps.items()}
     maps = maps_of_stages(mine, strides) + (maps_of_blocks(mine, strides) if blocks else [])
     by_stage = {s: [m.float().cpu().numpy() for (stage, _), m in sorted(mine.items()) if stage == s]
                 for s in result.evidence}
     raws = {s: m[index].float().cpu().numpy() for s, m in result.evidence.items()}
-    return maps, evidence_maps(raws, by_stage, strides, int(result.logits[index].argmax()))
+    return maps, evidence_maps(raws, by_stage, strides, int(result.target[index]))
 
 
 def class_maps(model: nn.Module, image: Image.Image, index: int, rule: str = CLASS_RULE,
@@ -338,13 +339,22 @@ def class_maps(model: nn.Module, image: Image.Image, index: int, rule: str = CLA
     """Evidence for class ``index`` per stage of ``stages`` (``CLASS_RULES[rule]`` on each block's gated signal
     against the reference's), then combined: what ``analyse`` gives for the predicted class, for any class.
 
-    Runs on the folded model (``model`` is folded first unless it is; ``ClassMapCache`` folds once): the
-    reference through the last of ``stages`` only, without autograd; the image with autograd from the first of
-    ``stages``; one backward pass from the logit to their gated signals; no hooks, no input gradient, and no
-    parameter gradient is accumulated.
+    A model with ``forward_with_maps`` (what ``fuse`` returns) runs its graph's pass with
+    ``index`` as its target: the page's rule and stages only. Any VAN runs folded
+    (``model`` is folded first unless it is; ``ClassMapCache`` folds once): the
+    reference through the last of ``stages`` only, without autograd; the image with
+    autograd from the first of ``stages``; one backward pass from the logit to their
+    gated signals; no hooks, no input gradient, and no parameter gradient is accumulated.
     """
     if rule not in CLASS_RULES:
         raise ValueError(f"rule must be one of {', '.join(CLASS_RULES)}, got {rule!r}")
+    if hasattr(model, "forward_with_maps"):
+        if (rule, tuple(stages)) != (CLASS_RULE, CLASS_STAGES):
+            raise ValueError(f"a served model's graph computes rule {CLASS_RULE!r} on stages {CLASS_STAGES} only")
+        device, dtype = placement(model)
+        with torch.inference_mode():
+            result = attention_pass(model, preprocess(model, to_rgb(image)).to(device, dtype), index)
+        return maps_of_pass(result, 0, _strides(model))[1]
     with torch.inference_mode(False):
         folded = model if is_folded(model) else fold(model)
         device, dtype = placement(folded)
@@ -369,8 +379,8 @@ def image_digest(image: Image.Image) -> str:
 
 
 class ClassMapCache:
-    """``class_maps`` of one model (folded once, here), computed when asked and kept per (image hash, class) in a
-    small LRU."""
+    """``class_maps`` of one model (folded once, here, or the engine ``fuse`` made of it), computed when asked and
+    kept per (image hash, class) in a small LRU."""
 
     def __init__(self, model: nn.Module, maxsize: int = 32) -> None:
         self.model = model if is_folded(model) else fold(model)
@@ -378,14 +388,15 @@ class ClassMapCache:
         self._entries: OrderedDict[tuple[str, int], list[Heatmap]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def __call__(self, image: Image.Image, index: int) -> list[Heatmap]:
-        """The class maps of ``image`` for class ``index``, from the cache when present."""
+    def __call__(self, image: Image.Image, index: int, served: nn.Module | None = None) -> list[Heatmap]:
+        """The class maps of ``image`` for class ``index``, from the cache when present, else computed by ``served``
+        (the same model as an engine) when given, by the folded model otherwise."""
         key = (image_digest(image), index)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
-            maps = class_maps(self.model, image, index)
+            maps = class_maps(self.model if served is None else served, image, index)
             self._entries[key] = maps
             while len(self._entries) > self.maxsize:
                 self._entries.popitem(last=False)

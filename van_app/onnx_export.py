@@ -7,10 +7,12 @@ batch is dynamic; height and width are fixed (by default to the preprocessing's
 input size), which lets ONNX Runtime plan every layer ahead (2-5% faster than
 dynamic sides). The graph is the folded model (``fold.fold`` without the eager-only
 layout tricks).
-With ``maps=True`` the graph takes one image (batch 1) and also returns what the page
-draws, from the same pass as the prediction (``attention.WithAttentionMaps``): per
+With ``maps=True`` the graph takes one image (batch 1) and a second input, ``target``
+(int64, (1,)): the class to explain, -1 for the predicted one. It also returns what the
+page draws, from the same pass as the prediction (``attention.WithAttentionMaps``): per
 block, its class-agnostic map ((1, h, w) on its stage's grid), then per stage of
-``attention.CLASS_STAGES`` the evidence for the predicted class. That evidence needs
+``attention.CLASS_STAGES`` the evidence for that class, then the class itself
+(``evidence_class``, int64 (1,)). That evidence needs
 a backward pass, which ONNX has no operator for: the graph is traced with its backward
 pass written out as forward operators (``make_fx``; a convolution's input gradient
 becomes a convolution with the kernel flipped, or a transposed convolution where it
@@ -34,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -45,9 +48,11 @@ from .fold import fold
 from .predict import data_config
 from .variants import default_labels
 
-FORMAT = 2
+FORMAT = 3
 OPSET = 18
 INPUT = "image"
+TARGET = "target"  # the second input of a graph with maps
+TARGET_OUTPUT = "evidence_class"  # its last output
 LOGITS = "logits"
 # Metadata values stored as JSON (the rest are plain strings).
 JSON_KEYS = ("labels", "preprocessing", "pretrained_cfg", "model_args", "attention_maps", "evidence", "format")
@@ -75,7 +80,7 @@ def map_outputs(model: nn.Module) -> list[MapOutput]:
 def evidence_outputs(model: nn.Module) -> list[dict[str, Any]]:
     """The evidence outputs a ``maps=True`` export of ``model`` has after its attention maps, in graph order."""
     strides = [info["reduction"] for info in model.feature_info]
-    return [{"name": f"evidence.{s}", "stage": s, "stride": strides[s], "rule": CLASS_RULE, "target": "predicted"}
+    return [{"name": f"evidence.{s}", "stage": s, "stride": strides[s], "rule": CLASS_RULE, "target": TARGET_OUTPUT}
             for s in CLASS_STAGES]
 
 
@@ -104,35 +109,37 @@ def export_onnx(model: nn.Module, path: str | Path, *, maps: bool = False, size:
     """Write ``model`` (a VAN, folded or not) to ``path`` as ONNX, atomically; the path.
 
     The input's (height, width) is ``size`` (default: the preprocessing's); the batch is
-    dynamic, or 1 with ``maps``, when the graph also returns each block's attention map
-    and the evidence for the predicted class after the logits. The file's metadata
+    dynamic, or 1 with ``maps``, when the graph also takes the class to explain (``TARGET``,
+    -1 for the predicted one) and returns after the logits each block's attention map, the
+    evidence for that class and the class (``TARGET_OUTPUT``). The file's metadata
     holds the labels and preprocessing (see the module docstring), plus ``metadata``.
     """
     path = Path(path)
     folded = fold(model, channels_last=False, prepad=False).to("cpu", torch.float32)
     size = tuple(size or data_config(model)["input_size"][-2:])
     if maps:
-        example = torch.zeros(1, 3, *size)
-        graph = with_backward_written_out(WithAttentionMaps(folded), example)
-        names = [m.name for m in map_outputs(model)] + [e["name"] for e in evidence_outputs(model)]
+        examples = (torch.zeros(1, 3, *size), torch.full((1,), -1, dtype=torch.int64))
+        graph = with_backward_written_out(WithAttentionMaps(folded), examples)
+        inputs = [INPUT, TARGET]
+        names = [m.name for m in map_outputs(model)] + [e["name"] for e in evidence_outputs(model)] + [TARGET_OUTPUT]
         dynamic = None
     else:
-        example, graph, names = torch.zeros(2, 3, *size), folded, []
+        examples, graph, inputs, names = (torch.zeros(2, 3, *size),), folded, [INPUT], []
         dynamic = {name: {0: "batch"} for name in (INPUT, LOGITS)}
     with atomic_path(path) as tmp:
         with _EXPORTING, warnings.catch_warnings():
             # The TorchScript exporter announces its own deprecation and the shape inference it runs; neither
             # concerns the file written.
             warnings.simplefilter("ignore")
-            torch.onnx.export(graph, (example,), str(tmp), input_names=[INPUT], output_names=[LOGITS, *names],
+            torch.onnx.export(graph, examples, str(tmp), input_names=inputs, output_names=[LOGITS, *names],
                               dynamic_axes=dynamic, opset_version=opset, dynamo=False)
         _set_metadata(tmp, export_metadata(model, maps) | (metadata or {}))
     return path
 
 
-def with_backward_written_out(module: nn.Module, example: torch.Tensor) -> nn.Module:
-    """``module`` traced on ``example`` into operators an ONNX export takes, its backward passes included: a graph
-    for ``example``'s shape only."""
+def with_backward_written_out(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> nn.Module:
+    """``module`` traced on ``examples`` (its inputs) into operators an ONNX export takes, its backward passes
+    included: a graph for those inputs' shapes only."""
     from torch._decomp import get_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -140,7 +147,7 @@ def with_backward_written_out(module: nn.Module, example: torch.Tensor) -> nn.Mo
     table = get_decompositions([aten.gelu_backward, aten.native_layer_norm_backward])
     table[aten.convolution_backward.default] = _convolution_input_gradient
     with _EXPORTING:
-        return make_fx(module, decomposition_table=table)(example)
+        return make_fx(module, decomposition_table=table)(*examples)
 
 
 def _convolution_input_gradient(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias_sizes: Any,
@@ -195,7 +202,8 @@ def verify_export(model: nn.Module, path: str | Path, batch: int = 2, seed: int 
     x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
         want = copy.deepcopy(model).to("cpu", torch.float32).eval()(x)
-    got = torch.from_numpy(session.run([LOGITS], {INPUT: x.numpy()})[0])
+    feed = {INPUT: x.numpy()} | ({TARGET: np.full((batch,), -1, np.int64)} if len(session.get_inputs()) > 1 else {})
+    got = torch.from_numpy(session.run([LOGITS], feed)[0])
     if not (torch.isfinite(got).all() and torch.isfinite(want).all()):
         return float("inf")
     return float((got - want).abs().max())

@@ -56,7 +56,8 @@ class ModelKey:
 
 @dataclass
 class LoadedModel:
-    """A model ready to serve: the unfused one (class maps), its folded eager copy, and the engine once built.
+    """A model ready to serve: the unfused one, its folded eager copy, the class maps asked for, and the engine once
+    built.
 
     ``serving`` is safe to call from several threads at once (neither model uses hooks).
     ``ready`` is set when the background build has finished, whether an engine came of it or not.
@@ -124,7 +125,8 @@ class ModelStore:
     def _load(self, key: ModelKey, max_bytes: int | None) -> LoadedModel:
         """Load one model and fold it (it serves at once); its engine is built by a background thread."""
         model = load_model(key.source, pretrained=key.pretrained, max_bytes=max_bytes).to(self.device)
-        loaded = LoadedModel(key, model, fold(model), ClassMapCache(model))
+        eager = fold(model)
+        loaded = LoadedModel(key, model, eager, ClassMapCache(eager))
         # Not a daemon: an interpreter that exits mid-build waits for it (OpenVINO aborts the process when torn down
         # under a running call).
         threading.Thread(target=self._speed_up, args=(loaded,), name=f"fuse {key.source}").start()

@@ -320,7 +320,8 @@ def details(page: Page, token: str | None, style: Style) -> tuple:
 
 
 def explain_class(page: Page, label: str | None, token: str | None, style: Style) -> tuple[PIL.Image.Image, ...]:
-    """The comparison slider with the evidence for ``label`` (``explain.class_maps``), computed once."""
+    """The comparison slider with the evidence for ``label`` (``explain.class_maps``, on the served engine once it
+    is built), computed once."""
     if token is None:
         raise page_error("Classify an image first.")
     result = page.results.get(token)
@@ -331,7 +332,7 @@ def explain_class(page: Page, label: str | None, token: str | None, style: Style
         raise page_error(f"Unknown class {label!r} for this model.")
     index = loaded.model.labels.index(label)
     predicted = result.analysis.evidence[-1].target
-    maps = result.analysis.evidence if index == predicted else loaded.class_maps(result.image, index)
+    maps = result.analysis.evidence if index == predicted else loaded.class_maps(result.image, index, loaded.fast)
     result = replace(result, class_maps=tuple(maps))
     page.results.put(result, token)
     return slider_value(result, style)
