@@ -5,16 +5,18 @@ main: ``git worktree add /tmp/serve-before <commit>``), side by side on the same
 and the same weights, each figure measured in the same run:
 
 - in-process: the ``/predict`` handler itself (the function gradio calls: read the
-  upload, one model pass with the attention maps, the gallery's overlays), called in
-  a process of that checkout's own, after its start-up model is warm;
+  upload, one model pass with the attention maps and, before 2026-11-26, the gallery's
+  overlays, which the page now draws in the event that follows), called in a process of
+  that checkout's own, after its start-up model is warm;
 - end to end: ``/predict`` through gradio_client against that checkout's app served on
   127.0.0.1 (``build_demo`` + ``launch`` as ``app.py`` does, launched once the start-up
   model is warm), requests to the two apps interleaved; the ratio to in-process;
 - throughput: ``--clients`` concurrent gradio_client clients, each sending its own
   image ``--requests`` times (none may fail), in requests/s with per-request p50/p95;
-- floor: the same round trip, alone and under the same concurrent clients, against an
-  app whose handler does nothing and returns the same outputs (five small JPEGs and
-  labels): what gradio and its client cost by themselves on this machine.
+- floors: the same round trip, alone and under the same concurrent clients, against an
+  app whose handler does nothing and answers with labels alone (what ``/predict``
+  answers now), and with labels and five small JPEGs (what it answered before): what
+  gradio and its client cost by themselves on this machine, and what the files cost.
 
 gradio_client opens a new HTTP connection, with a new TLS context, for every upload,
 request, event stream and downloaded file, even over plain HTTP; creating each context
@@ -49,7 +51,7 @@ REQUEST_TIMEOUT = 120  # seconds before a request under load counts as failed
 
 # Run in a checkout's own process (PYTHONPATH=checkout): its /predict handler timed in-process, as JSON on stdout.
 IN_PROCESS = """
-import json, statistics, sys, threading, time, uuid
+import inspect, json, statistics, sys, threading, time, uuid
 from pathlib import Path
 from van_app.ui import Style, build_demo
 
@@ -57,6 +59,7 @@ model, image, runs, warmup = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), i
 demo = build_demo(model, root=Path.cwd())
 handler = next(f.fn for f in demo.fns.values() if f.api_name == "predict")
 page = handler.args[0]
+style = [Style()] if "style" in inspect.signature(handler.func).parameters else []  # checkouts before 2026-11-26
 loaded = page.models.get(page.start)
 if hasattr(loaded, "ready"):
     loaded.ready.wait()
@@ -69,7 +72,7 @@ times = []
 def measure():  # in a worker thread, as gradio runs handlers
     for i in range(warmup + runs):
         start = time.perf_counter()
-        handler(payload, page.start, Style())
+        handler(payload, page.start, *style)
         if i >= warmup:
             times.append(time.perf_counter() - start)
 
@@ -97,29 +100,34 @@ if hasattr(loaded, "ready"):
 demo.launch(**launch_options())
 """
 
-# The floor: an app with the same outputs whose handler does nothing but make five small pictures (each request's
-# differ: gradio's cache is content-addressed, and identical concurrent outputs race each other there).
+# A floor: an app whose handler does nothing but answer with labels and, with argv[1] > 0, that many small JPEGs in
+# a gallery (each request's differ: gradio's cache is content-addressed, and identical concurrent outputs race
+# each other there).
 FLOOR = """
 import itertools
+import sys
 
 import gradio as gr
 from PIL import Image
 
 from van_app.ui import launch_options
 
+files = int(sys.argv[1])
 count = itertools.count()
 
 def answer(_):
     n = next(count)
-    return {"a": 0.9, "b": 0.1}, [(Image.new("RGB", (384, 288), (n % 256, n // 256 % 256, i)), f"map {i}")
-                                  for i in range(5)]
+    labels = {"a": 0.9, "b": 0.1}
+    return (labels, [(Image.new("RGB", (384, 288), (n % 256, n // 256 % 256, i)), f"map {i}")
+                     for i in range(files)]) if files else labels
 
 with gr.Blocks() as demo:
     image = gr.Image(type="filepath")
-    labels, gallery = gr.Label(), gr.Gallery(format="jpeg")
-    gr.Button().click(answer, image, [labels, gallery], api_name="predict", preprocess=False)
+    outputs = [gr.Label()] + ([gr.Gallery(format="jpeg")] if files else [])
+    gr.Button().click(answer, image, outputs, api_name="predict", preprocess=False)
 demo.queue(default_concurrency_limit=2).launch(**launch_options())
 """
+FLOOR_FILES = {"labels alone": 0, "labels + 5 JPEGs": 5}
 
 
 def parse_args() -> argparse.Namespace:
@@ -274,8 +282,9 @@ def throughput(app: Served, folder: Path, args: argparse.Namespace) -> tuple[flo
         for _ in range(args.requests):
             start = time.perf_counter()
             try:
-                labels, gallery = clients[i].submit(path, api_name="/predict").result(timeout=REQUEST_TIMEOUT)[:2]
-                if len(gallery) != 5 or not labels["confidences"]:
+                answer = clients[i].submit(path, api_name="/predict").result(timeout=REQUEST_TIMEOUT)
+                labels = answer[0] if isinstance(answer, (tuple, list)) else answer  # labels, or labels + overlays
+                if not labels["confidences"]:
                     failures.append("incomplete answer")
             except Exception as e:  # any failed request counts, whatever its kind
                 failures.append(f"{type(e).__name__}: {e}")
@@ -325,12 +334,13 @@ def main() -> None:
         finally:
             for app in apps.values():
                 app.close()
-        floor_app = Served(FLOOR, ROOT)
-        try:
-            floor = end_to_end({"floor": floor_app}, image, args)["floor"]
-            floor_rate, _, floor_failures = throughput(floor_app, folder, args)
-        finally:
-            floor_app.close()
+        floors = {}
+        for name, files in FLOOR_FILES.items():
+            floor_app = Served(FLOOR, ROOT, str(files))
+            try:
+                floors[name] = (end_to_end({name: floor_app}, image, args)[name], *throughput(floor_app, folder, args))
+            finally:
+                floor_app.close()
 
     print(f"\n{'':34} " + "".join(f"{name:>44}" for name in trees))
     rows: list[tuple[str, Callable[[str], str]]] = [
@@ -343,9 +353,9 @@ def main() -> None:
     ]
     for label, cell in rows:
         print(f"{label:34} " + "".join(f"{cell(name):>44}" for name in trees))
-    print(f"{'floor: gradio + client, no work':34} {summary(floor):>44}")
-    print(f"{'floor: ' + str(args.clients) + ' clients, no work':34} "
-          f"{f'{floor_rate:.2f} req/s, {len(floor_failures)} failed':>44}")
+    for name, (alone, rate, _, failures) in floors.items():
+        print(f"floor, no work, answering {name}: alone {summary(alone)}; {args.clients} clients {rate:.2f} req/s, "
+              f"{len(failures)} failed")
     if "before" in trees:
         print(f"after vs before: in-process {statistics.median(local['before']) / statistics.median(local['after']):.1f}x"
               f" faster, end to end {statistics.median(remote['before']) / statistics.median(remote['after']):.1f}x"

@@ -28,9 +28,9 @@ from van_app import pretrained_variants
 from van_app.images import ImageLimits, ImageTooLargeError
 from van_app.serving import BodyLimit, ModelKey, ModelStore, ResultStore, fetch_limited
 from van_app.engines import EngineModel, installed_engines
-from van_app.ui import (GALLERY_SIDE, MAX_PIXELS, SLIDER_SIDE, Page, Style, build_demo, default_key, example_images,
-                        explain_class, launch_options, load_for_page, markdown_text, page_model, predict, read_upload,
-                        restyle, shown, slider_value, timing, typed_source)
+from van_app.ui import (GALLERY_SIDE, MAX_PIXELS, SLIDER_SIDE, Page, Style, build_demo, default_key, details,
+                        example_images, explain_class, launch_options, load_for_page, markdown_text, page_model,
+                        predict, predict_on_change, read_upload, restyle, shown, slider_value, timing, typed_source)
 from van_app.explain import MapKind, find_map, overlay
 
 slow = pytest.mark.slow
@@ -140,13 +140,9 @@ def uploaded(page: Page, image: Image.Image | bytes, name: str = "upload.png") -
 
 
 @slow
-def test_predict_returns_top_k_labels_and_overlays(client, tmp_path):
-    labels, gallery = client.predict(handle_file(shape_image(tmp_path / "disc.png")), api_name="/predict")
-    assert len(labels["confidences"]) == 5
-    assert [item["caption"].split(" (")[0] for item in gallery] == ["Stage 1", "Stage 2", "Stage 3", "Stage 4",
-                                                                     "Combined: stage 1"]
-    with Image.open(gallery[-1]["image"]) as overlay:
-        assert overlay.size == (80, 48) and overlay.mode == "RGB" and overlay.format == "JPEG"
+def test_predict_answers_with_the_top_k_labels_alone(client, tmp_path):
+    labels = client.predict(handle_file(shape_image(tmp_path / "disc.png")), api_name="/predict")
+    assert labels["label"] == labels["confidences"][0]["label"] and len(labels["confidences"]) == 5
 
 
 @slow
@@ -193,7 +189,7 @@ def test_image_bomb_sent_as_a_data_url_is_refused_at_once_without_decoding(app_s
     bomb = png_bytes(Image.new("1", (13000, 13000)))  # about 20 KB declaring 169 megapixels
     with PeakMemory(process.pid) as memory:
         start = time.perf_counter()
-        _, message = call_event(url, "predict", [{"url": data_url(bomb), "path": "bomb.png"}, None, None])
+        _, message = call_event(url, "predict", [{"url": data_url(bomb), "path": "bomb.png"}, None])
         seconds = time.perf_counter() - start
     assert "Image too large: 13000×13000 pixels" in error_of(message)
     assert seconds < 1.0 and memory.growth < 100
@@ -205,7 +201,7 @@ def test_request_body_over_the_limit_is_refused_before_it_is_read(app_server):
     payload = {"url": data_url(png_bytes(Image.new("RGB", (8, 8))) + bytes(30 * 2**20)), "path": "big.png"}
     with PeakMemory(process.pid) as memory:
         start = time.perf_counter()
-        status, answer = call_event(url, "predict", [payload, None, None])
+        status, answer = call_event(url, "predict", [payload, None])
         seconds = time.perf_counter() - start
     assert status == 413 and "Request too large" in answer["detail"]
     assert seconds < 3.0 and memory.growth < 100
@@ -214,20 +210,20 @@ def test_request_body_over_the_limit_is_refused_before_it_is_read(app_server):
 @slow
 def test_small_data_url_is_classified(app_url):
     image = Image.new("RGB", (60, 40), (200, 40, 40))
-    _, message = call_event(app_url, "predict", [{"url": data_url(png_bytes(image)), "path": "x.png"}, None, None])
+    _, message = call_event(app_url, "predict", [{"url": data_url(png_bytes(image)), "path": "x.png"}, None])
     assert message["success"] and len(message["output"]["data"][0]["confidences"]) == 5
 
 
 @slow
 def test_server_files_outside_the_upload_folder_are_not_read(app_url):
-    _, message = call_event(app_url, "predict", [{"path": str(ROOT / "examples" / "circle.png")}, None, None])
+    _, message = call_event(app_url, "predict", [{"path": str(ROOT / "examples" / "circle.png")}, None])
     assert "Only images uploaded to this page can be classified" in error_of(message)
 
 
 @slow
 def test_image_urls_are_fetched_from_public_addresses_only(app_url):
     payload = {"path": "https://images.invalid/photo.png", "meta": {"_type": "gradio.FileData"}}
-    _, message = call_event(app_url, "predict", [payload, None, None])
+    _, message = call_event(app_url, "predict", [payload, None])
     assert error_of(message) == "Could not fetch the image URL: images.invalid does not resolve to a public address."
 
 
@@ -236,15 +232,15 @@ def test_animated_gif_is_classified_from_its_first_frame(client, tmp_path):
     frames = [Image.new("RGB", (40, 30), colour) for colour in ((200, 0, 0), (0, 200, 0), (0, 0, 200))]
     path = tmp_path / "anim.gif"
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
-    labels, gallery = client.predict(handle_file(path), api_name="/predict")
-    assert len(labels["confidences"]) == 5 and len(gallery) == 5
+    labels = client.predict(handle_file(path), api_name="/predict")
+    assert len(labels["confidences"]) == 5
 
 
 @slow
 def test_sixteen_bit_png_is_classified(client, tmp_path):
     path = tmp_path / "deep.png"
     Image.new("I;16", (50, 40), 40000).save(path)
-    labels, _ = client.predict(handle_file(path), api_name="/predict")
+    labels = client.predict(handle_file(path), api_name="/predict")
     assert len(labels["confidences"]) == 5
 
 
@@ -254,8 +250,8 @@ def test_server_keeps_serving_after_a_bad_request(client, tmp_path):
     bad.write_bytes(b"\xff\xd8garbage")
     with pytest.raises(AppError, match="not a readable image"):
         client.predict(handle_file(bad), api_name="/predict")
-    labels, gallery = client.predict(handle_file(shape_image(tmp_path / "ok.png")), api_name="/predict")
-    assert len(labels["confidences"]) == 5 and len(gallery) == 5
+    labels = client.predict(handle_file(shape_image(tmp_path / "ok.png")), api_name="/predict")
+    assert len(labels["confidences"]) == 5
 
 
 @slow
@@ -313,7 +309,7 @@ def test_model_work_shares_one_budget_and_overflow_is_refused_as_busy(monkeypatc
                     outcomes.append(str(e))
             else:
                 payload = {"url": data_url(path.read_bytes()), "path": "disc.png"}
-                status, message = call_event(demo.local_url, event, [payload, None, None])
+                status, message = call_event(demo.local_url, event, [payload, None])
                 outcomes.append("ok" if status == 200 and message["success"] else message.get("detail", message))
 
         visitors = [threading.Thread(target=visitor, args=(event,)) for event in ["predict", "predict_on_change"] * 4]
@@ -349,7 +345,7 @@ def test_result_store_forgets_results_after_their_time_to_live():
 
 def test_sessions_hold_only_a_key_and_results_stay_bounded(page):
     for i in range(5):
-        _, _, key = predict(page, uploaded(page, Image.new("RGB", (64, 48), (40 * i, 0, 0))), page.start, Style())
+        _, key = predict(page, uploaded(page, Image.new("RGB", (64, 48), (40 * i, 0, 0))), page.start)
         assert isinstance(key, str) and len(key) < 40
     assert len(page.results) == page.results.maxsize == 3
 
@@ -362,19 +358,33 @@ def test_page_answers_with_pytorch_while_the_engine_warms_up(tmp_path, monkeypat
     page = Page(ModelStore(threads=1), ResultStore(), ModelKey("van_micro"), tmp_path)
     loaded = page.models.get(page.start)
     picture = Image.new("RGB", (64, 48), (200, 40, 0))
-    _, _, key = predict(page, uploaded(page, picture), page.start, Style())
+    _, key = predict(page, uploaded(page, picture), page.start)
     assert page.results.get(key).engine == "PyTorch" and not loaded.ready.is_set()
     release.set()
     assert loaded.ready.wait(120)
-    _, _, key = predict(page, uploaded(page, picture), page.start, Style())
+    _, key = predict(page, uploaded(page, picture), page.start)
     assert page.results.get(key).engine in installed_engines()
 
 
 def test_overlays_are_drawn_at_the_size_they_are_shown(page):
-    _, gallery, key = predict(page, uploaded(page, Image.new("RGB", (1600, 1200), (0, 90, 200))), page.start, Style())
+    _, key = predict(page, uploaded(page, Image.new("RGB", (1600, 1200), (0, 90, 200))), page.start)
+    gallery, (original, overlay), _, _ = details(page, key, Style())
     assert [image.size for image, _ in gallery] == [(GALLERY_SIDE, GALLERY_SIDE * 3 // 4)] * 5
-    original, overlay = slider_value(page.results.get(key), Style())
     assert original.size == overlay.size == (SLIDER_SIDE, SLIDER_SIDE * 3 // 4)
+
+
+def test_the_page_draws_the_stage_overlays_after_the_prediction(page):
+    _, key = predict(page, _disc(page), page.start)
+    gallery, _, line, _ = details(page, key, Style())
+    assert [caption.split(" (")[0] for _, caption in gallery] == ["Stage 1", "Stage 2", "Stage 3", "Stage 4",
+                                                                  "Combined: stage 1"]
+    assert line.startswith("Time: ") and "overlays" in line
+
+
+def test_removing_the_image_clears_the_overlays(page):
+    assert predict_on_change(page, None, page.start) == (None, None)
+    gallery, compare, line, _ = details(page, None, Style())
+    assert (gallery, compare, line) == ([], None, "")
 
 
 def _disc(page: Page) -> dict:
@@ -384,7 +394,7 @@ def _disc(page: Page) -> dict:
 
 
 def test_the_slider_shows_the_evidence_for_the_predicted_class_at_first(page):
-    top, _, key = predict(page, _disc(page), page.start, Style())
+    top, key = predict(page, _disc(page), page.start)
     result = page.results.get(key)
     labels = page_model(page, page.start).model.labels
     assert {m.target for m in result.analysis.evidence} == {labels.index(next(iter(top)))}
@@ -395,7 +405,7 @@ def test_the_slider_shows_the_evidence_for_the_predicted_class_at_first(page):
 
 
 def test_picking_the_predicted_class_shows_the_evidence_from_the_same_pass(page, monkeypatch):
-    top, _, key = predict(page, _disc(page), page.start, Style())
+    top, key = predict(page, _disc(page), page.start)
     loaded = page_model(page, page.start)
     monkeypatch.setattr(loaded, "class_maps", lambda *args: pytest.fail("the evidence was computed again"))
     explain_class(page, next(iter(top)), key, Style())
@@ -404,7 +414,7 @@ def test_picking_the_predicted_class_shows_the_evidence_from_the_same_pass(page,
 
 
 def test_picking_another_class_shows_the_evidence_for_it(page):
-    top, _, key = predict(page, _disc(page), page.start, Style())
+    top, key = predict(page, _disc(page), page.start)
     labels = page_model(page, page.start).model.labels
     other = next(label for label in labels if label != next(iter(top)))
     explain_class(page, other, key, Style())
@@ -412,7 +422,7 @@ def test_picking_another_class_shows_the_evidence_for_it(page):
 
 
 def test_picking_another_class_runs_on_the_served_engine_once_it_is_built(page, monkeypatch):
-    top, _, key = predict(page, _disc(page), page.start, Style())
+    top, key = predict(page, _disc(page), page.start)
     loaded = page_model(page, page.start)
     assert loaded.ready.wait(120) and isinstance(loaded.fast, EngineModel)
     runs = []
@@ -425,9 +435,9 @@ def test_picking_another_class_runs_on_the_served_engine_once_it_is_built(page, 
 
 
 def test_timing_says_what_ran_the_model(page):
-    _, _, key = predict(page, uploaded(page, Image.new("RGB", (64, 48))), page.start, Style())
+    _, key = predict(page, uploaded(page, Image.new("RGB", (64, 48))), page.start)
     result = replace(page.results.get(key), engine="onnxruntime")
-    assert "ms (onnxruntime), overlays" in timing(result)
+    assert "ms (onnxruntime), overlays 12 ms" in timing(result, 0.012)
 
 
 def test_picking_a_class_for_an_expired_result_says_so(page):

@@ -13,9 +13,11 @@ What a public page needs is decided here:
 - All model work (prediction, class maps, loads) shares one concurrency limit
   (``WORK``); past ``MAX_QUEUE`` waiting events the page says the app is busy.
 - A prediction is one pass of the served model (``LoadedModel.serving``: the engine
-  ``fuse`` built, with the attention maps as outputs of the same graph); overlays
-  are drawn at the size the page shows them (``GALLERY_SIDE``, ``SLIDER_SIDE``) and
-  sent as JPEG.
+  ``fuse`` built, with the attention maps as outputs of the same graph). The public
+  ``/predict`` event answers with the labels alone: every file in an answer costs an
+  API client (gradio_client) a connection of its own, so the page draws the overlays
+  in the event that follows (``details``), at the size it shows them (``GALLERY_SIDE``,
+  ``SLIDER_SIDE``), as JPEG.
 - Sessions hold a key (``gr.State``); results live in a bounded ``ResultStore``;
   gradio's cache is cleaned on a schedule.
 - Everything from a model, a file or a visitor is escaped before it is shown
@@ -103,7 +105,6 @@ class Result:
     analysis: Analysis
     seconds: float
     engine: str = "PyTorch"
-    render_seconds: float = 0.0
     class_maps: tuple[Heatmap, ...] = ()
 
 
@@ -248,11 +249,11 @@ def slider_value(result: Result, style: Style) -> tuple[PIL.Image.Image, PIL.Ima
     return small, overlay(small, chosen, result.analysis.geometry, style.colormap, style.opacity)
 
 
-def timing(result: Result) -> str:
+def timing(result: Result, render_seconds: float) -> str:
     """Markdown with the time the prediction and the overlays took, and what ran the model."""
-    return (f"Time: {1000 * (result.seconds + result.render_seconds):.0f} ms: prediction, maps and evidence "
+    return (f"Time: {1000 * (result.seconds + render_seconds):.0f} ms: prediction, maps and evidence "
             f"{1000 * result.seconds:.0f} ms ({markdown_text(result.engine)}), overlays "
-            f"{1000 * result.render_seconds:.0f} ms")
+            f"{1000 * render_seconds:.0f} ms")
 
 
 def load_for_page(store: ModelStore, key: ModelKey, max_bytes: int | None = None) -> LoadedModel:
@@ -290,33 +291,33 @@ def typed_source(text: str, allow_local: bool = True) -> ModelKey:
     return ModelKey(source)
 
 
-def predict(page: Page, image: dict | None, key: ModelKey, style: Style) -> tuple[dict[str, float], list, str]:
-    """Top-k labels, overlays and the key of the result kept for this session."""
+def predict(page: Page, image: dict | None, key: ModelKey) -> tuple[dict[str, float], str]:
+    """Top-k labels and the key of the result (maps included) kept for this session; ``details`` draws it."""
     picture = read_upload(page, image)
     loaded = page_model(page, key)
     model = loaded.serving
     start = time.perf_counter()
     analysis = analyse(model, picture, k=page.k, blocks=True)
     result = Result(key, picture, analysis, time.perf_counter() - start, engine_name(model))
-    start = time.perf_counter()
-    items = gallery_items(result, style)
-    result = replace(result, render_seconds=time.perf_counter() - start)
-    return analysis.top, items, page.results.put(result)
+    return analysis.top, page.results.put(result)
 
 
-def predict_on_change(page: Page, image: dict | None, key: ModelKey, style: Style) -> tuple:
+def predict_on_change(page: Page, image: dict | None, key: ModelKey) -> tuple:
     """``predict`` when there is an image; cleared outputs when it was removed."""
     if not image:
-        return None, [], None
-    return predict(page, image, key, style)
+        return None, None
+    return predict(page, image, key)
 
 
 def details(page: Page, token: str | None, style: Style) -> tuple:
-    """The comparison slider, the timing line and a cleared class picker for the session's result."""
+    """The gallery's overlays, the comparison slider, the timing line and a cleared class picker for the session's
+    result (all cleared when there is none)."""
     result = page.results.get(token)
     if result is None:
-        return None, "", gr.update(value=None)
-    return slider_value(result, style), timing(result), gr.update(value=None)
+        return [], None, "", gr.update(value=None)
+    start = time.perf_counter()
+    items, slider = gallery_items(result, style), slider_value(result, style)
+    return items, slider, timing(result, time.perf_counter() - start), gr.update(value=None)
 
 
 def explain_class(page: Page, label: str | None, token: str | None, style: Style) -> tuple[PIL.Image.Image, ...]:
@@ -459,13 +460,12 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
 
         page = Page(store, results or ResultStore(MAX_RESULTS, RESULT_TTL), start, Path(image.GRADIO_CACHE),
                     allow_local, k, None if allow_local else MAX_MODEL_BYTES)
-        predicted = button.click(bind(predict, page), [image, current, style], [labels, gallery, result],
-                                 api_name="predict", **work)
-        changed = image.change(bind(predict_on_change, page), [image, current, style], [labels, gallery, result],
+        predicted = button.click(bind(predict, page), [image, current], [labels, result], api_name="predict", **work)
+        changed = image.change(bind(predict_on_change, page), [image, current], [labels, result],
                                api_visibility="private", **work)
         for event in (predicted, changed):
-            event.success(bind(details, page), [result, style], [compare, elapsed, target], api_visibility="private",
-                          **raw)
+            event.success(bind(details, page), [result, style], [gallery, compare, elapsed, target],
+                          api_visibility="private", **raw)
         target.input(bind(explain_class, page), [target, result, style], [compare], api_visibility="private",
                      **work)
         for control in (colormap.change, blocks.change, opacity.release):
@@ -475,7 +475,8 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
                                     api_visibility="private", **work),
                        load_button.click(bind(choose_source, page), [source], [current, info, target],
                                          api_visibility="private", **work)):
-            loaded.success(bind(predict_on_change, page), [image, current, style], [labels, gallery, result],
+            loaded.success(bind(predict_on_change, page), [image, current], [labels, result],
                            api_visibility="private", **work).success(
-                bind(details, page), [result, style], [compare, elapsed, target], api_visibility="private", **raw)
+                bind(details, page), [result, style], [gallery, compare, elapsed, target], api_visibility="private",
+                **raw)
     return demo.queue(default_concurrency_limit=1, max_size=max_queue)
