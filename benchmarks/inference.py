@@ -248,9 +248,9 @@ def onnxruntime_candidate(path: Path, x: torch.Tensor, threads: int) -> Callable
 
 def openvino_candidate(path: Path, x: torch.Tensor, threads: int) -> Callable[[], list[np.ndarray]]:
     """OpenVINO on the file at ``path``: ``threads`` threads, LATENCY hint, f32."""
-    import openvino as ov
+    from van_app.engines import import_openvino
 
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
+    compiled = import_openvino().Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
                                                           "PERFORMANCE_HINT": "LATENCY",
                                                           "INFERENCE_PRECISION_HINT": "f32"})
     request, feed = compiled.create_infer_request(), {0: x.numpy()}

@@ -7,6 +7,8 @@ import copy
 import ctypes
 import gc
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -175,6 +177,20 @@ def test_openvino_serves_the_same_logits_and_maps(micro):
         result = fast.forward_with_maps(x)
         assert (fast(x) - micro(x)).abs().max() <= 1e-4
     _assert_same_pass(result, x, micro)
+
+
+def test_serving_on_openvino_sends_no_telemetry(tmp_path):
+    pytest.importorskip("openvino")
+    script = ("import sys, torch\n"
+              "from van_app import fuse, load_model\n"
+              "fast = fuse(load_model('van_micro', num_classes=3), engine='openvino', threads=1)\n"
+              "fast(torch.zeros(1, 3, 64, 64))\n"
+              "assert 'openvino' in sys.modules and sys.modules.get('openvino_telemetry') is None\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}  # telemetry skips CI
+    env.update(HOME=str(tmp_path), VAN_APP_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / "intel" / "openvino_ga_cid").exists()
 
 
 def _signal_stack() -> tuple[int, int, int]:

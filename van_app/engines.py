@@ -32,6 +32,7 @@ import os
 import platform
 import queue
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -82,6 +83,21 @@ class Runner:
 
     def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
         return self.run(*inputs)
+
+
+def import_openvino() -> Any:
+    """The ``openvino`` package, imported without its telemetry.
+
+    Importing ``openvino`` sends a usage event to Google Analytics unless the user opted
+    out (``openvino_telemetry``, from a process it forks). A server of images should not
+    phone home, and offline that forked process can hang, holding its parent's output
+    pipes. Hidden from the import, the package falls back to its own no-op stub.
+    """
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # None in sys.modules: the import raises ImportError
+    import openvino
+
+    return openvino
 
 
 def installed_engines() -> list[str]:
@@ -159,9 +175,7 @@ def _openvino_thread(path: Path, threads: int, jobs: queue.SimpleQueue, loaded: 
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
-        import openvino as ov
-
-        core = ov.Core()
+        core = import_openvino().Core()
         graph = core.read_model(str(path))
         framework = graph.get_rt_info()["framework"] if "framework" in graph.get_rt_info() else {}
         loaded.set_result({key: framework[key].astype(str) for key in framework.keys()} if framework else {})
