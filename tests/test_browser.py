@@ -17,6 +17,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--
 EXAMPLE = ROOT / "examples" / "circle.png"
 # Elements the hostile labels and folder name would create if they were rendered as HTML, and their script's mark.
 INJECTED = "document.querySelectorAll('.evil').length + (window.__pwned ? 100 : 0)"
+LOADED_OVERLAYS = "[...document.querySelectorAll('#overlays img')].filter(i => i.complete && i.naturalWidth > 0).length"
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,7 @@ def page(browser, app_url):
 def upload(page, path: Path = EXAMPLE) -> None:
     """Upload ``path`` and wait until the five overlays have loaded."""
     page.locator("input[type=file]").first.set_input_files(str(path))
-    page.wait_for_function(
-        "[...document.querySelectorAll('#overlays img')].filter(i => i.complete && i.naturalWidth > 0).length >= 5",
-        timeout=60_000,
-    )
+    page.wait_for_function(f"{LOADED_OVERLAYS} >= 5", timeout=60_000)
 
 
 def load_typed(page, source: str) -> None:
@@ -71,6 +69,21 @@ def test_upload_shows_labels_and_stage_overlays(page, tmp_path):
         assert list(example.size) in sizes
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_a_new_image_clears_the_previous_maps_before_its_own_arrive(page, tmp_path):
+    upload(page)
+    page.evaluate("""() => {
+        window.__cleared = false;
+        new MutationObserver(() => {
+            if (document.querySelectorAll('#overlays img').length === 0) window.__cleared = true;
+        }).observe(document.querySelector('#overlays'), {childList: true, subtree: true});
+    }""")
+    other = tmp_path / "square.png"
+    Image.new("RGB", (64, 48), (30, 160, 90)).save(other)
+    page.locator("input[type=file]").first.set_input_files(str(other))
+    page.wait_for_function("window.__cleared", timeout=30_000)
+    page.wait_for_function(f"{LOADED_OVERLAYS} >= 5", timeout=60_000)
 
 
 def test_picking_a_class_shows_its_evidence(page):

@@ -17,7 +17,8 @@ What a public page needs is decided here:
   ``/predict`` event answers with the labels alone: every file in an answer costs an
   API client (gradio_client) a connection of its own, so the page draws the overlays
   in the event that follows (``details``), at the size it shows them (``GALLERY_SIDE``,
-  ``SLIDER_SIDE``), as JPEG.
+  ``SLIDER_SIDE``), as JPEG; the browser clears the previous maps when a prediction
+  starts, so they never stand beside new labels (even when ``details`` is refused).
 - Sessions hold a key (``gr.State``); results live in a bounded ``ResultStore``;
   gradio's cache is cleaned on a schedule.
 - Everything from a model, a file or a visitor is escaped before it is shown
@@ -460,6 +461,9 @@ def build_demo(model: str | None = None, *, root: Path | None = None, k: int = 5
 
         page = Page(store, results or ResultStore(MAX_RESULTS, RESULT_TTL), start, Path(image.GRADIO_CACHE),
                     allow_local, k, None if allow_local else MAX_MODEL_BYTES)
+        for trigger in (button.click, image.change):
+            # in the browser, at once: the previous image's maps never stand beside the new labels
+            trigger(None, None, [gallery, compare], js="() => [[], null]", api_visibility="private")
         predicted = button.click(bind(predict, page), [image, current], [labels, result], api_name="predict", **work)
         changed = image.change(bind(predict_on_change, page), [image, current], [labels, result],
                                api_visibility="private", **work)
