@@ -50,6 +50,8 @@ from .fold import FusedBlock, _gelu, fold
 from .model import lka_modules
 
 Maps = dict[tuple[int, int], torch.Tensor]
+# The class(es) to explain: one for the whole batch, one per image, or None for each image's predicted class.
+Target = int | Sequence[int] | torch.Tensor | None
 # Per block, from its gated signal's difference to the reference ``d`` (B, C, h, w) and ``grad`` = d logit / d g.
 CLASS_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "gradcam": lambda d, grad: (grad.mean((-2, -1), keepdim=True) * d).sum(-3),
@@ -190,7 +192,7 @@ def capture_gated(model: nn.Module) -> Iterator[Maps]:
             handle.remove()
 
 
-def targets(target: int | Sequence[int] | torch.Tensor | None, batch: int, classes: int) -> torch.Tensor:
+def targets(target: Target, batch: int, classes: int) -> torch.Tensor:
     """``target`` as the (``batch``,) int64 tensor ``WithAttentionMaps`` takes (-1: the predicted class); a
     ``ValueError`` for a class out of range or a count that is not ``batch``."""
     if target is None:
@@ -205,8 +207,7 @@ def targets(target: int | Sequence[int] | torch.Tensor | None, batch: int, class
     return chosen.contiguous()
 
 
-def attention_pass(model: nn.Module, batch: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None = None
-                   ) -> Pass:
+def attention_pass(model: nn.Module, batch: torch.Tensor, target: Target = None) -> Pass:
     """The logits of ``batch``, each block's map and the evidence for each image's ``target`` class (one class for
     all, one per image, or by default each image's predicted class), from one pass.
 

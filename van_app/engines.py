@@ -53,12 +53,11 @@ from . import attention as attention_module
 from . import fold as fold_module
 from . import model as model_module
 from . import onnx_export as onnx_export_module
-from .attention import CLASS_STAGES, Pass, attention_pass, block_keys
+from .attention import CLASS_STAGES, Pass, Target, attention_pass, block_keys, targets
 from .cache import entry_path, load_or_build, model_digest
 from .errors import first_line
 from .files import write_json
 from .fold import fold
-from .attention import targets
 from .onnx_export import FORMAT, OPSET, export_onnx
 from .predict import data_config
 
@@ -306,8 +305,7 @@ class EngineModel:
         """The logits of ``batch`` (B, 3, H, W), preprocessed as the model expects."""
         return self._run(batch, maps=False)[0]
 
-    def forward_with_maps(self, batch: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None = None
-                          ) -> Pass:
+    def forward_with_maps(self, batch: torch.Tensor, target: Target = None) -> Pass:
         """The logits of ``batch``, each block's attention map ((B, h, w), keyed by (stage, block)) and the evidence
         for each image's ``target`` class (default: its predicted class): one pass of the graph per image."""
         logits, *outputs, chosen = self._run(batch, maps=True, target=target)
@@ -320,8 +318,7 @@ class EngineModel:
         shape = tuple(shape or (1, 3, *self.input_size))
         self.runner(maps, (1, *shape[1:]) if maps else shape)
 
-    def _run(self, batch: torch.Tensor, maps: bool, target: int | Sequence[int] | torch.Tensor | None = None
-             ) -> list[torch.Tensor]:
+    def _run(self, batch: torch.Tensor, maps: bool, target: Target = None) -> list[torch.Tensor]:
         """Every output of the graph for ``batch``'s shape, as tensors; the graph with maps takes one image and its
         target class (``attention.targets``) per call."""
         if batch.dim() != 4:
