@@ -77,7 +77,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from sklearn.datasets import load_sample_images
 
 from van_app import VAN, fuse, load_model, preprocess
-from van_app.attention import attention_pass, capture_gated, reference
+from van_app.attention import attention_pass, capture_gated, reference, stage_strides
 from van_app.attention import CLASS_RULE, CLASS_RULES, CLASS_STAGES
 from van_app.explain import (
     COMBINED_STAGES,
@@ -239,7 +239,7 @@ def app_maps(model: torch.nn.Module, folded: torch.nn.Module, samples: list[Samp
     """The app's maps: the default (the evidence for the predicted class), the class-agnostic ones (each stage, the
     combined map and other subsets) and class maps for the true class (with ``candidates``: every rule and stage
     subset), as heatmaps; and the predicted class of each image."""
-    strides = [info["reduction"] for info in model.feature_info]
+    strides = stage_strides(model)
     maps: dict[str, list[Heatmap]] = {}
     predicted: list[int] = []
     for part in chunks(samples, batch):
@@ -277,7 +277,7 @@ def app_maps(model: torch.nn.Module, folded: torch.nn.Module, samples: list[Samp
 def old_maps(model: torch.nn.Module, samples: list[Sample], batch: int) -> dict[str, list[Heatmap]]:
     """The app's previous maps: stage 1 and combined (departure of ``attn``, min-max) and class combined (Grad-CAM on
     ``attn``, the true class)."""
-    strides = [info["reduction"] for info in model.feature_info]
+    strides = stage_strides(model)
     maps: dict[str, list[Heatmap]] = {}
     for part in chunks(samples, batch):
         images = pictures(part)
@@ -431,7 +431,7 @@ class Ablation:
         with torch.inference_mode(), capture_gated(model) as captured:
             model(reference(self.x))
         self.reference = dict(captured)
-        self.strides = {s: info["reduction"] for s, info in enumerate(model.feature_info)}
+        self.strides = dict(enumerate(stage_strides(model)))
 
     def curve(self, values: np.ndarray) -> np.ndarray:
         """The target's probability with ``ABLATION_SHARES`` of each stage's cells ablated, top cells first."""
@@ -750,7 +750,7 @@ def example_panels(model: torch.nn.Module, folded: torch.nn.Module, sample: Samp
     image = Image.fromarray(sample.image).resize((sample.image.shape[1] * 2, sample.image.shape[0] * 2))
     geometry = input_geometry(model, image.size)
     old = old_maps(model, [sample], 1)["old stage 1"][0]
-    strides = [info["reduction"] for info in model.feature_info]
+    strides = stage_strides(model)
     with torch.inference_mode():
         result = attention_pass(folded, preprocess(model, image))
     stages, evidence = maps_of_pass(result, 0, strides)

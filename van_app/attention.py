@@ -174,6 +174,11 @@ class WithAttentionMaps(nn.Module):
         return logits.detach(), *maps, *(shown[s].detach() for s in CLASS_STAGES), chosen
 
 
+def stage_strides(model: nn.Module) -> list[int]:
+    """Input pixels per cell of each stage's grid (4, 8, 16, 32 for VAN), from the model's ``feature_info``."""
+    return [info["reduction"] for info in model.feature_info]
+
+
 def block_keys(model: nn.Module) -> list[tuple[int, int]]:
     """(stage, block) of every block of a VAN, in forward order."""
     return [(s, b) for s, stage in enumerate(model.stages) for b in range(len(stage.blocks))]

@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .attention import attention_pass
+from .attention import attention_pass, stage_strides
 from .explain import MapKind, find_map, input_geometry, maps_of_pass, overlay
 from .files import atomic_path, is_image_file
 from .images import BadImageError, display_size, open_image
@@ -113,7 +113,7 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], *, k: int = 5, 
     loader = DataLoader(_Files(paths, eval_transform(model), heatmaps is not None), batch_size=batch_size,
                         num_workers=workers, collate_fn=list)
     device, dtype = placement(model)
-    strides = [info["reduction"] for info in model.feature_info]
+    strides = stage_strides(model)
     with tqdm(total=len(paths), desc="Classifying", unit="img", disable=not progress, file=sys.stderr) as bar:
         for items in loader:
             good = [item for item in items if item.error is None]

@@ -73,7 +73,7 @@ from torch import nn
 from torchvision import transforms
 
 from .attention import (CLASS_RULE, CLASS_RULES, CLASS_STAGES, Maps, Pass, attention_pass, departure, evidence,
-                        gated_stages, is_folded, reference, stage_block_maps)
+                        gated_stages, is_folded, reference, stage_block_maps, stage_strides)
 from .fold import fold
 from .images import display_size, to_rgb
 from .predict import eval_transform, placement, preprocess, top_k
@@ -196,11 +196,6 @@ def _resized(step: transforms.Resize | ResizeKeepRatio, w: int, h: int) -> tuple
     return (new_short, new_long) if w <= h else (new_long, new_short)
 
 
-def _strides(model: nn.Module) -> list[int]:
-    """Input pixels per cell of each stage (4, 8, 16, 32 for VAN)."""
-    return [info["reduction"] for info in model.feature_info]
-
-
 def _is_flat(raw: np.ndarray) -> bool:
     """True when ``raw`` is non-finite or varies by at most ``CONSTANT_TOLERANCE`` of its largest magnitude."""
     if raw.size == 0 or not np.isfinite(raw).all():
@@ -313,13 +308,17 @@ def analyse(model: nn.Module, image: Image.Image, k: int = 5, blocks: bool = Fal
 
     ``model`` is anything ``attention.attention_pass`` runs: a VAN, folded or not, or what ``fuse`` returns.
     """
-    image = to_rgb(image)
-    device, dtype = placement(model)
-    batch = preprocess(model, image).to(device, dtype)
-    with torch.inference_mode():
-        result = attention_pass(model, batch)
-    maps, shown = maps_of_pass(result, 0, _strides(model), blocks)
+    result = _image_pass(model, image)
+    maps, shown = maps_of_pass(result, 0, stage_strides(model), blocks)
     return Analysis(top_k(model, result.logits[0], k), maps, input_geometry(model, image.size), shown)
+
+
+def _image_pass(model: nn.Module, image: Image.Image, target: int | None = None) -> Pass:
+    """``attention.attention_pass`` of one image, preprocessed as ``model`` expects, for class ``target`` (default:
+    the predicted one)."""
+    device, dtype = placement(model)
+    with torch.inference_mode():
+        return attention_pass(model, preprocess(model, to_rgb(image)).to(device, dtype), target)
 
 
 def maps_of_pass(result: Pass, index: int, strides: list[int], blocks: bool = False
@@ -351,10 +350,7 @@ def class_maps(model: nn.Module, image: Image.Image, index: int, rule: str = CLA
     if hasattr(model, "forward_with_maps"):
         if (rule, tuple(stages)) != (CLASS_RULE, CLASS_STAGES):
             raise ValueError(f"a served model's graph computes rule {CLASS_RULE!r} on stages {CLASS_STAGES} only")
-        device, dtype = placement(model)
-        with torch.inference_mode():
-            result = attention_pass(model, preprocess(model, to_rgb(image)).to(device, dtype), index)
-        return maps_of_pass(result, 0, _strides(model))[1]
+        return maps_of_pass(_image_pass(model, image, index), 0, stage_strides(model))[1]
     with torch.inference_mode(False):
         folded = model if is_folded(model) else fold(model)
         device, dtype = placement(folded)
@@ -367,7 +363,7 @@ def class_maps(model: nn.Module, image: Image.Image, index: int, rule: str = CLA
         with torch.no_grad():
             by_stage = {s: [m[0].cpu().numpy() for m in stage_block_maps(gated[s], gated_reference[s])]
                         for s in stages}
-    return evidence_maps({s: m[0].cpu().numpy() for s, m in raws.items()}, by_stage, _strides(folded), index)
+    return evidence_maps({s: m[0].cpu().numpy() for s, m in raws.items()}, by_stage, stage_strides(folded), index)
 
 
 def image_digest(image: Image.Image) -> str:

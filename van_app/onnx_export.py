@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import __version__
-from .attention import CLASS_RULE, CLASS_STAGES, WithAttentionMaps, block_keys
+from .attention import CLASS_RULE, CLASS_STAGES, WithAttentionMaps, block_keys, stage_strides
 from .files import atomic_path
 from .fold import fold
 from .predict import data_config
@@ -73,13 +73,13 @@ class MapOutput:
 
 def map_outputs(model: nn.Module) -> list[MapOutput]:
     """The attention-map outputs a ``maps=True`` export of ``model`` has, in graph order."""
-    strides = [info["reduction"] for info in model.feature_info]
+    strides = stage_strides(model)
     return [MapOutput(f"attention.{s}.{b}", s, b, strides[s]) for s, b in block_keys(model)]
 
 
 def evidence_outputs(model: nn.Module) -> list[dict[str, Any]]:
     """The evidence outputs a ``maps=True`` export of ``model`` has after its attention maps, in graph order."""
-    strides = [info["reduction"] for info in model.feature_info]
+    strides = stage_strides(model)
     return [{"name": f"evidence.{s}", "stage": s, "stride": strides[s], "rule": CLASS_RULE, "target": TARGET_OUTPUT}
             for s in CLASS_STAGES]
 
