@@ -383,10 +383,9 @@ class EngineModel:
         """The fixed random batch of one that every graph for ``size`` is checked on."""
         return torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(PROBE_SEED))
 
-    @staticmethod
-    def _inputs(x: torch.Tensor, maps: bool) -> list[np.ndarray]:
+    def _inputs(self, x: torch.Tensor, maps: bool) -> list[np.ndarray]:
         """A graph's inputs for batch ``x``: with maps, also the target class of each image, the predicted one."""
-        return [x.numpy()] + ([np.full(len(x), -1, np.int64)] if maps else [])
+        return [x.numpy()] + ([targets(None, len(x), self.num_classes).numpy()] if maps else [])
 
     def _export(self, path: Path, key: str, maps: bool, size: tuple[int, int]) -> None:
         """Write the graph to ``path``, with its cache ``key`` and the PyTorch model's outputs on the probe as
